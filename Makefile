@@ -1,0 +1,38 @@
+# The README's two commands: `make run` (the main job on the embedded default) and `make test`.
+# Both do their own set-up: .venv is created or reused, torch==2.13.0 (CPU) installed first when no
+# torch is importable, then this package with its stack.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export PREFECT_HOME ?= $(abspath .prefect)
+OVERRIDES ?=
+
+.PHONY: setup run test test-fast lint format params clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup ## compose conf/ and run the whole pipeline (Prefect flow over DVC stages)
+	$(BIN)/qlora-pipeline run $(OVERRIDES)
+
+test: setup lint ## lint, type-check, then the whole test suite (CPU; GPU tests skip)
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+params: setup ## re-compose params.yaml from conf/
+	$(BIN)/qlora-pipeline compose
+
+clean: ## remove generated outputs (DVC's cache keeps them restorable)
+	rm -rf models data/prepared results reports .prefect

@@ -1,0 +1,136 @@
+"""Command line: `qlora-pipeline run` (the whole flow) and one command per DVC stage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from qlora_pipeline.errors import PipelineError
+
+DESCRIPTION = """\
+QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
+
+  qlora-pipeline run [OVERRIDES...]     compose conf/ (+ Hydra overrides) into params.yaml and run
+                                        the Prefect flow over the DVC stages (unchanged ones skip)
+  qlora-pipeline compose [OVERRIDES...] only write params.yaml (--check: fail if it is out of date)
+
+Stage commands (what dvc.yaml runs; they read params.yaml):
+  bootstrap | prepare | train {qlora,lora} | evaluate {base,qlora,lora} | report
+
+Overrides use Hydra syntax, e.g.  train.max_steps=200  data=jsonl data.path=my.jsonl
+  model=llama-3.2-1b  'methods.qlora.quantization.quant_type=fp4'  train.lora.r=8
+Config groups live in conf/: model, data, method (as methods.qlora / methods.lora), train, eval, report.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qlora-pipeline",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--params",
+        default="params.yaml",
+        help="composed config the stages read (default: %(default)s)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run", help="compose the config and run the whole pipeline as a Prefect flow"
+    )
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=200")
+    comp = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
+    comp.add_argument("overrides", nargs="*", help="Hydra overrides")
+    comp.add_argument(
+        "--check", action="store_true", help="exit 1 if params.yaml differs from conf/"
+    )
+    sub.add_parser("bootstrap", help="build/pre-train the tiny base model, or point at a hub model")
+    sub.add_parser("prepare", help="generate or read the data, split, tokenize, save")
+    tr = sub.add_parser("train", help="fine-tune LoRA adapters with one method")
+    tr.add_argument("method", choices=["qlora", "lora"])
+    ev = sub.add_parser("evaluate", help="run lm-eval on one model")
+    ev.add_argument("model", choices=["base", "qlora", "lora"])
+    sub.add_parser("report", help="write the quality-gap report")
+    return p
+
+
+def _stage(args: argparse.Namespace) -> None:
+    from qlora_pipeline.config.schema import load_params
+    from qlora_pipeline.runtime import setup_torch
+
+    cfg = load_params(args.params)
+    setup_torch(cfg.threads, cfg.seed)
+    p = cfg.paths
+    if args.command == "bootstrap":
+        from qlora_pipeline.modeling.bootstrap import bootstrap
+
+        bootstrap(cfg.model, cfg.seed, p.base)
+    elif args.command == "prepare":
+        from qlora_pipeline.data.prepare import prepare
+        from qlora_pipeline.modeling.load import load_tokenizer
+
+        prepare(cfg.data, load_tokenizer(p.base, cfg.model.trust_remote_code), cfg.seed, p.data)
+    elif args.command == "train":
+        from qlora_pipeline.training.train import train
+
+        train(cfg, args.method, p.base, p.data, Path(p.adapters) / args.method)
+    elif args.command == "evaluate":
+        from qlora_pipeline.evaluation.evaluate import evaluate
+
+        evaluate(cfg, args.model, p.base, p.data, p.adapters, Path(p.eval) / args.model)
+    elif args.command == "report":
+        from qlora_pipeline.reporting.report import build_report
+
+        build_report(cfg, p.data, p.adapters, p.eval, p.report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from qlora_pipeline.runtime import log, setup_logging
+
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        if args.command == "run":
+            from qlora_pipeline.tracking.dvc import find_root
+
+            root = find_root()
+            # Prefect keeps its database under PREFECT_HOME: a project-local, git-ignored folder,
+            # so runs and tests don't fight over one database. Set before prefect is imported.
+            os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+            from pipelines.flow import run
+
+            return run(root, args.overrides)
+        if args.command == "compose":
+            from qlora_pipeline.tracking.dvc import compose, find_root, write_params
+
+            root = find_root()
+            if args.check:
+                text, _ = compose(root, args.overrides)
+                current = (
+                    (root / "params.yaml").read_text(encoding="utf-8")
+                    if (root / "params.yaml").exists()
+                    else ""
+                )
+                if current != text:
+                    log.error("params.yaml is out of date with conf/; run `qlora-pipeline compose`")
+                    return 1
+                return 0
+            write_params(root, args.overrides)
+            log.info("wrote %s", root / "params.yaml")
+            return 0
+        _stage(args)
+        return 0
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

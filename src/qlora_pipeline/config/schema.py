@@ -1,0 +1,279 @@
+"""Typed schema of the composed config (`conf/` -> `params.yaml`).
+
+`conf/` stays pure YAML so that DVC can compose it without the Hydra runtime; this schema validates
+the result: unknown keys, wrong types and bad values stop with one line naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qlora_pipeline.errors import ConfigError
+
+DTYPES = ("bfloat16", "float16", "float32")
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
+
+
+@dataclass
+class BootstrapConfig:
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 128
+    corpus_lines: int = 60000
+    steps: int = 800
+    batch_size: int = 32
+    seq_len: int = 32
+    lr: float = 1e-3
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "bootstrap"
+    path: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    bootstrap: BootstrapConfig | None = None
+
+
+@dataclass
+class SyntheticConfig:
+    skills: list[str] = field(default_factory=lambda: ["reverse", "upper", "sort", "add"])
+    string_length: int = 3
+    n_train: int = 8000
+    n_val: int = 200
+    n_test: int = 200
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "synthetic"
+    path: str | None = None
+    instruction_field: str = "instruction"
+    response_field: str = "output"
+    template: str = "Q: {instruction}\nA:"
+    loss_on: str = "response"
+    max_length: int = 64
+    val_fraction: float = 0.025
+    test_fraction: float = 0.025
+    synthetic: SyntheticConfig | None = None
+
+
+@dataclass
+class QuantizationConfig:
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+
+@dataclass
+class MethodConfig:
+    name: str = MISSING
+    base_dtype: str = "bfloat16"
+    optimizer: str = "paged_adamw_32bit"
+    quantization: QuantizationConfig | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 500
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-3
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["qlora_synthetic_qa"])
+    tasks_dir: str | None = None
+    batch_size: int = 64
+    limit: int | None = None
+    max_gen_toks: int = 16
+
+
+@dataclass
+class ReportConfig:
+    title: str = "QLoRA vs LoRA quality gap"
+    min_gain: float = 0.5
+
+
+@dataclass
+class PathsConfig:
+    base: str = "models/base"
+    data: str = "data/prepared"
+    adapters: str = "models/adapters"
+    eval: str = "results/eval"
+    report: str = "reports"
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    methods: dict[str, MethodConfig] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    seed: int = 0
+    threads: int = 2
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    _check(value in allowed, key, f"got {value!r}, expected one of {', '.join(allowed)}")
+
+
+def _positive(value: float, key: str) -> None:
+    _check(value > 0, key, f"must be > 0, got {value}")
+
+
+def _validate_values(cfg: PipelineConfig) -> None:
+    m = cfg.model
+    _one_of(m.source, ("bootstrap", "pretrained"), "model.source")
+    if m.source == "bootstrap":
+        _check(m.bootstrap is not None, "model.bootstrap", "required when model.source=bootstrap")
+        assert m.bootstrap is not None
+        for name in ("vocab_size", "hidden_size", "intermediate_size"):
+            value = getattr(m.bootstrap, name)
+            _check(
+                value > 0 and value % 128 == 0,
+                f"model.bootstrap.{name}",
+                f"must be a positive multiple of 128 (bitsandbytes' 4-bit blocks), got {value}",
+            )
+        b = m.bootstrap
+        _check(
+            b.hidden_size % b.num_heads == 0, "model.bootstrap.num_heads", "must divide hidden_size"
+        )
+        _check(
+            b.num_heads % b.num_kv_heads == 0,
+            "model.bootstrap.num_kv_heads",
+            "must divide num_heads",
+        )
+        for name in ("num_layers", "steps", "batch_size", "seq_len", "lr", "corpus_lines"):
+            _positive(getattr(b, name), f"model.bootstrap.{name}")
+    else:
+        _check(
+            bool(m.path), "model.path", "required when model.source=pretrained (hub id or folder)"
+        )
+
+    d = cfg.data
+    _one_of(d.source, ("synthetic", "jsonl"), "data.source")
+    _one_of(d.loss_on, ("response", "all"), "data.loss_on")
+    _check("{instruction}" in d.template, "data.template", "must contain '{instruction}'")
+    _positive(d.max_length, "data.max_length")
+    for name in ("val_fraction", "test_fraction"):
+        _check(0 < getattr(d, name) < 0.5, f"data.{name}", "must be in (0, 0.5)")
+    if d.source == "synthetic":
+        _check(d.synthetic is not None, "data.synthetic", "required when data.source=synthetic")
+        assert d.synthetic is not None
+        from qlora_pipeline.data.skills import SKILLS
+
+        for skill in d.synthetic.skills:
+            _one_of(skill, tuple(SKILLS), "data.synthetic.skills")
+        _check(bool(d.synthetic.skills), "data.synthetic.skills", "must not be empty")
+        for name in ("string_length", "n_train", "n_val", "n_test"):
+            _positive(getattr(d.synthetic, name), f"data.synthetic.{name}")
+    else:
+        _check(bool(d.path), "data.path", "required when data.source=jsonl")
+
+    _check({"qlora", "lora"} <= set(cfg.methods), "methods", "must define both 'qlora' and 'lora'")
+    for name, method in cfg.methods.items():
+        _one_of(method.base_dtype, DTYPES, f"methods.{name}.base_dtype")
+        _one_of(method.optimizer, OPTIMIZERS, f"methods.{name}.optimizer")
+        if method.quantization is not None:
+            q = method.quantization
+            _one_of(q.quant_type, ("nf4", "fp4"), f"methods.{name}.quantization.quant_type")
+            _one_of(q.compute_dtype, DTYPES, f"methods.{name}.quantization.compute_dtype")
+    _check(cfg.methods["qlora"].quantization is not None, "methods.qlora.quantization", "required")
+
+    t = cfg.train
+    for name in ("max_steps", "batch_size", "grad_accum", "lr", "logging_steps", "max_grad_norm"):
+        _positive(getattr(t, name), f"train.{name}")
+    _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+    _positive(t.lora.r, "train.lora.r")
+    _positive(t.lora.alpha, "train.lora.alpha")
+    _check(0 <= t.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
+    tm = t.lora.target_modules
+    _check(
+        tm == "all-linear"
+        or (isinstance(tm, list) and len(tm) > 0 and all(isinstance(x, str) for x in tm)),
+        "train.lora.target_modules",
+        f"expected 'all-linear' or a list of module names, got {tm!r}",
+    )
+    _check(bool(cfg.eval.tasks), "eval.tasks", "must name at least one task")
+    _positive(cfg.eval.batch_size, "eval.batch_size")
+    _positive(cfg.eval.max_gen_toks, "eval.max_gen_toks")
+    _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")
+    _check(cfg.threads >= 0, "threads", "must be >= 0")
+
+
+def validate_dict(raw: dict[str, Any]) -> PipelineConfig:
+    """Validate a composed config dict against the schema.
+
+    Args:
+        raw: the composed config (the content of `params.yaml`).
+
+    Returns:
+        The typed config.
+
+    Raises:
+        ConfigError: one line naming the offending key.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        reason = str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key}': {reason}") from None
+    assert isinstance(cfg, PipelineConfig)
+    _validate_values(cfg)
+    return cfg
+
+
+def load_params(path: str | Path = "params.yaml") -> PipelineConfig:
+    """Load and validate a composed params file.
+
+    Args:
+        path: the YAML file written by `qlora-pipeline compose` or `dvc exp run`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run `qlora-pipeline compose` first")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return validate_dict(raw)

@@ -1,0 +1,143 @@
+"""The evaluate step: EleutherAI's lm-eval harness on base, QLoRA or LoRA, per-sample outputs kept.
+
+The model is loaded here (4-bit base + adapter for QLoRA, bf16 base + adapter for LoRA, bf16 base
+alone for base) and handed to `HFLM` as an object; tasks are YAML files in the repo.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora_pipeline.config.schema import PipelineConfig
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import atomic_dir, write_json
+from qlora_pipeline.modeling.load import load_adapted, load_base, load_tokenizer
+from qlora_pipeline.runtime import device_name, log
+
+DEFAULT_TASKS_DIR = Path(__file__).parent / "tasks"
+MODELS = ("base", "qlora", "lora")
+
+
+def tasks_dir(cfg: PipelineConfig) -> Path:
+    return Path(cfg.eval.tasks_dir) if cfg.eval.tasks_dir else DEFAULT_TASKS_DIR
+
+
+def task_config(task_dir: Path, name: str, test_jsonl: Path, max_gen_toks: int) -> dict[str, Any]:
+    """Our YAML task with its data file pointed at the prepared test split."""
+    path = task_dir / f"{name}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in task_dir.glob("*.yaml"))
+        raise PipelineError(f"eval task '{name}': no {path}; available: {available}")
+    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if cfg.get("dataset_path") == "json":
+        cfg["dataset_kwargs"] = {"data_files": {"test": str(test_jsonl.resolve())}}
+    cfg.setdefault("generation_kwargs", {})["max_gen_toks"] = max_gen_toks
+    return cfg
+
+
+def load_for_eval(cfg: PipelineConfig, which: str, base_dir: Path, adapters_dir: Path) -> Any:
+    """base: the base in the LoRA arm's precision; qlora/lora: that arm's base + its saved adapter."""
+    trust = cfg.model.trust_remote_code
+    if which == "base":
+        model = load_base(base_dir, cfg.methods["lora"], trust)
+        model.eval()
+        return model
+    return load_adapted(base_dir, cfg.methods[which], adapters_dir / which, trust)
+
+
+def primary_metric(task_results: dict[str, Any]) -> tuple[str, float, float | None]:
+    """The first `metric,filter` of a task's results, its value and its stderr."""
+    for key, value in task_results.items():
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+            metric, filt = key.split(",", 1)
+            stderr = task_results.get(f"{metric}_stderr,{filt}")
+            return (
+                key,
+                float(value),
+                None if not isinstance(stderr, (int, float)) else float(stderr),
+            )
+    raise PipelineError(f"lm-eval returned no metric: {sorted(task_results)}")
+
+
+def evaluate(
+    cfg: PipelineConfig,
+    which: str,
+    base_dir: str | Path,
+    data_dir: str | Path,
+    adapters_dir: str | Path,
+    out_dir: str | Path,
+) -> dict:
+    """Run the configured lm-eval tasks on one model and save results and per-sample outputs.
+
+    Args:
+        cfg: the validated pipeline config.
+        which: base, qlora or lora.
+        base_dir, data_dir, adapters_dir: outputs of the earlier stages.
+        out_dir: gets `metrics.json`, `results.json` (harness output) and `samples_<task>.jsonl`.
+
+    Returns:
+        The content of `metrics.json`.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if which not in MODELS:
+        raise PipelineError(
+            f"evaluate: unknown model '{which}'; expected one of {', '.join(MODELS)}"
+        )
+    test_jsonl = Path(data_dir) / "test.jsonl"
+    if not test_jsonl.is_file():
+        raise PipelineError(f"{test_jsonl}: not found; run the prepare stage first")
+    tdir = tasks_dir(cfg)
+    task_cfgs = [task_config(tdir, t, test_jsonl, cfg.eval.max_gen_toks) for t in cfg.eval.tasks]
+    tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
+    model = load_for_eval(cfg, which, Path(base_dir), Path(adapters_dir))
+    footprint = int(model.get_memory_footprint())
+    log.info(
+        "evaluate[%s]: %s on %s (footprint %.2f MB)",
+        which,
+        ", ".join(cfg.eval.tasks),
+        device_name(),
+        footprint / 2**20,
+    )
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=cfg.eval.batch_size,
+        add_bos_token=False,
+        max_length=getattr(model.config, "max_position_embeddings", None),
+    )
+    results = simple_evaluate(
+        model=lm,
+        tasks=task_cfgs,
+        task_manager=TaskManager(include_path=str(tdir)),
+        limit=cfg.eval.limit,
+        log_samples=True,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        bootstrap_iters=1000,
+    )
+    if results is None:
+        raise PipelineError("lm-eval returned no results")
+    samples = results.pop("samples", {})
+    metrics: dict[str, Any] = {"model": which, "footprint_bytes": footprint, "tasks": {}}
+    for task, task_results in results["results"].items():
+        key, value, stderr = primary_metric(task_results)
+        n = len(samples.get(task, []))
+        metrics["tasks"][task] = {"metric": key, "value": value, "stderr": stderr, "n": n}
+        log.info("evaluate[%s]: %s %s = %.3f (n=%d)", which, task, key, value, n)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "results.json", results)
+        for task, rows in samples.items():
+            with open(tmp / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, default=str) + "\n")
+        write_json(tmp / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,120 @@
+"""Loading the base model for either method, attaching LoRA, reloading a saved adapter.
+
+One code path: the method config decides whether the base is loaded in 4-bit (QLoRA) or in
+`base_dtype` (LoRA). A hub id and a local folder load the same way; safetensors only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.config.schema import LoraConfig, MethodConfig, QuantizationConfig
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.io import read_json
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def base_source(base_dir: str | Path) -> tuple[str, str | None]:
+    """Where the base weights live: the bootstrapped folder itself, or the hub id / path it names."""
+    base_dir = Path(base_dir)
+    info_path = base_dir / "base.json"
+    if not info_path.is_file():
+        raise PipelineError(f"{info_path}: not found; run the bootstrap stage first")
+    info = read_json(info_path)
+    if info["source"] == "bootstrap":
+        return str(base_dir), None
+    return str(info["path"]), info.get("revision")
+
+
+def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    source, revision = base_source(base_dir)
+    tok = AutoTokenizer.from_pretrained(
+        source, revision=revision, trust_remote_code=trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def bnb_config(q: QuantizationConfig) -> Any:
+    """The QLoRA quantization: 4-bit weights (NF4 by default), optional double quantization."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+    )
+
+
+def load_base(base_dir: str | Path, method: MethodConfig, trust_remote_code: bool = False) -> Any:
+    """Load the frozen base model as `method` wants it (4-bit for QLoRA, `base_dtype` otherwise)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source, revision = base_source(base_dir)
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "dtype": torch_dtype(method.base_dtype),
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+    }
+    if method.quantization is not None:
+        kwargs["quantization_config"] = bnb_config(method.quantization)
+        kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
+    model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if method.quantization is None and torch.cuda.is_available():
+        model = model.to("cuda")
+    return model
+
+
+def attach_lora(model: Any, lora: LoraConfig, method: MethodConfig, seed: int) -> Any:
+    """Wrap `model` with trainable LoRA adapters; k-bit preparation for a quantized base.
+
+    The seed is set right before `get_peft_model`, so both methods start from the same adapter init.
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if method.quantization is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    target = lora.target_modules
+    config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target if target == "all-linear" else list(target),
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise PipelineError(f"config key 'train.lora.target_modules': {e}") from None
+
+
+def load_adapted(
+    base_dir: str | Path,
+    method: MethodConfig,
+    adapter_dir: str | Path,
+    trust_remote_code: bool = False,
+) -> Any:
+    """Base loaded as `method` wants it plus the saved adapter: what ships, ready for inference."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise PipelineError(f"{adapter_dir}: no adapter here; run the train stage first")
+    base = load_base(base_dir, method, trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    return model

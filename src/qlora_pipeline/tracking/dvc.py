@@ -1,0 +1,82 @@
+"""DVC helpers: compose params.yaml from conf/ exactly as `dvc exp run` does, read the stage DAG
+declared in dvc.yaml, and reproduce one stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from qlora_pipeline.config.schema import PipelineConfig, validate_dict
+from qlora_pipeline.errors import ConfigError, PipelineError
+from qlora_pipeline.io import atomic_write_text
+
+
+def find_root(start: str | Path | None = None) -> Path:
+    """The project folder: the nearest folder at or above `start` holding dvc.yaml and conf/."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "conf").is_dir():
+            return folder
+    raise PipelineError(
+        f"{here}: not inside a qlora-pipeline project (no dvc.yaml and conf/ above it)"
+    )
+
+
+def compose(root: Path, overrides: list[str]) -> tuple[str, PipelineConfig]:
+    """Compose conf/ with Hydra overrides through DVC's own composition; validate the result.
+
+    Returns:
+        The YAML text DVC would write to params.yaml, and the typed config.
+    """
+    from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "params.yaml"
+        try:
+            compose_and_dump(out, str(root / "conf"), None, "config", tmp, list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(f"config: {str(e).strip().splitlines()[0]}") from None
+        text = out.read_text(encoding="utf-8")
+    cfg = validate_dict(yaml.safe_load(text))
+    return text, cfg
+
+
+def write_params(root: Path, overrides: list[str]) -> PipelineConfig:
+    """Compose, validate, then replace params.yaml atomically (a bad override leaves it untouched)."""
+    text, cfg = compose(root, overrides)
+    atomic_write_text(root / "params.yaml", text)
+    return cfg
+
+
+def stage_order(root: Path) -> list[tuple[str, list[str]]]:
+    """The stages of dvc.yaml in dependency order, each with the stages it waits for."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        order = list(reversed(list(nx.topological_sort(graph))))
+        return [(s.addressing, sorted(d.addressing for d in graph.successors(s))) for s in order]
+
+
+def stage_env() -> dict[str, str]:
+    """Environment for stage commands: this interpreter's bin folder first, so `qlora-pipeline`
+    in dvc.yaml resolves to the same installation that runs the flow."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def repro(root: Path, stage: str) -> None:
+    """`dvc repro --single-item <stage>`: runs it if its deps or params changed, else skips it."""
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    proc = subprocess.run(cmd, cwd=root, env=stage_env())
+    if proc.returncode != 0:
+        raise PipelineError(f"stage '{stage}' failed (exit {proc.returncode}); its output is above")
