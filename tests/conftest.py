@@ -1,0 +1,106 @@
+"""Shared fixtures: the real conf/ composed with overrides that shrink it (the smallest config)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The smallest config: the same machinery as the default, shrunk to seconds.
+TINY = [
+    "model.bootstrap.vocab_size=384",
+    "model.bootstrap.hidden_size=128",
+    "model.bootstrap.intermediate_size=256",
+    "model.bootstrap.num_layers=2",
+    "model.bootstrap.num_heads=2",
+    "model.bootstrap.num_kv_heads=2",
+    "model.bootstrap.corpus_lines=12000",
+    "model.bootstrap.steps=600",
+    "model.bootstrap.lr=0.003",
+    "data.synthetic.skills=[reverse,sort]",
+    "data.synthetic.n_train=2000",
+    "data.synthetic.n_val=20",
+    "data.synthetic.n_test=40",
+    "train.max_steps=300",
+    "train.logging_steps=5",
+    "eval.batch_size=40",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_prefect(tmp_path_factory):
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory):
+    """The composed, validated smallest config with all paths in a temporary folder."""
+    from qlora_pipeline.tracking.dvc import compose
+
+    work = tmp_path_factory.mktemp("tiny")
+    _, cfg = compose(ROOT, TINY)
+    for name in ("base", "data", "adapters", "eval", "report"):
+        setattr(cfg.paths, name, str(work / name))
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_cfg):
+    from qlora_pipeline.modeling.bootstrap import bootstrap
+
+    bootstrap(tiny_cfg.model, tiny_cfg.seed, tiny_cfg.paths.base)
+    return Path(tiny_cfg.paths.base)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_cfg, tiny_base):
+    from qlora_pipeline.modeling.load import load_tokenizer
+
+    return load_tokenizer(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_cfg, tiny_base, tiny_tokenizer):
+    from qlora_pipeline.data.prepare import prepare
+
+    prepare(tiny_cfg.data, tiny_tokenizer, tiny_cfg.seed, tiny_cfg.paths.data)
+    return Path(tiny_cfg.paths.data)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_cfg, tiny_base, tiny_data):
+    """Both methods trained in-process; returns {method: (metrics, in-memory model)}."""
+    from qlora_pipeline.training import train as train_mod
+
+    out = {}
+    for method in ("qlora", "lora"):
+        captured = {}
+        original = train_mod.attach_lora
+
+        def spy(*args, _captured=captured, _original=original, **kwargs):
+            _captured["model"] = _original(*args, **kwargs)
+            return _captured["model"]
+
+        train_mod.attach_lora = spy
+        try:
+            metrics = train_mod.train(
+                tiny_cfg, method, tiny_base, tiny_data, Path(tiny_cfg.paths.adapters) / method
+            )
+        finally:
+            train_mod.attach_lora = original
+        out[method] = (metrics, captured["model"])
+    return out

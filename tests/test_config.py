@@ -1,0 +1,110 @@
+"""Config: every group composes and validates; params.yaml stays in sync; bad input names the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_pipeline.config.schema import validate_dict
+from qlora_pipeline.errors import ConfigError
+from qlora_pipeline.tracking.dvc import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model=llama-3.2-1b"],
+        ["data=jsonl", "data.path=some.jsonl"],
+        ["methods.qlora.quantization.quant_type=fp4", "train.lora.target_modules=[q_proj,v_proj]"],
+    ],
+    ids=["default", "hub-model", "jsonl", "fp4-qv"],
+)
+def test_every_config_group_composes_and_validates(overrides):
+    _, cfg = compose(ROOT, overrides)
+    assert set(cfg.methods) == {"qlora", "lora"}
+    assert cfg.methods["qlora"].quantization is not None
+
+
+def test_params_yaml_is_in_sync_with_conf():
+    text, _ = compose(ROOT, [])
+    assert (ROOT / "params.yaml").read_text(encoding="utf-8") == text, (
+        "params.yaml is stale: run `qlora-pipeline compose` (make params)"
+    )
+
+
+def test_qlora_is_lora_plus_quantization_only():
+    _, cfg = compose(ROOT, [])
+    q, lo = vars(cfg.methods["qlora"]).copy(), vars(cfg.methods["lora"]).copy()
+    assert q.pop("quantization") is not None and lo.pop("quantization") is None
+    assert q.pop("name") == "qlora" and lo.pop("name") == "lora"
+    assert q == lo
+    assert cfg.methods["qlora"].quantization.quant_type == "nf4"
+    assert cfg.methods["qlora"].quantization.double_quant is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.bogus=1"], "bogus"),
+        (["methods.qlora.quantization.quant_type=int3"], "methods.qlora.quantization.quant_type"),
+        (["model.bootstrap.hidden_size=100"], "model.bootstrap.hidden_size"),
+        (["train.max_steps=0"], "train.max_steps"),
+        (["train.lr=fast"], "train.lr"),
+        (["data=jsonl"], "data.path"),
+        (["data.synthetic.skills=[reverse,fly]"], "data.synthetic.skills"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        compose(ROOT, overrides)
+    message = str(err.value)
+    assert key in message
+    assert "\n" not in message
+
+
+def test_unknown_top_level_key_is_rejected():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["trian"] = {"max_steps": 3}
+    with pytest.raises(ConfigError, match="trian"):
+        validate_dict(raw)
+
+
+def test_cli_bad_override_is_one_line_and_leaves_params_untouched(tmp_path):
+    before = (ROOT / "params.yaml").read_bytes()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_pipeline",
+            "run",
+            "methods.qlora.quantization.quant_type=int3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: config key 'methods.qlora.quantization.quant_type'")
+    assert "Traceback" not in proc.stderr
+    assert (ROOT / "params.yaml").read_bytes() == before
+
+
+def test_cli_help_explains_commands():
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    for word in ("run", "compose", "bootstrap", "prepare", "train", "evaluate", "report", "Hydra"):
+        assert word in proc.stdout

@@ -1,0 +1,133 @@
+"""The whole DAG from the CLI: Hydra -> Prefect flow -> DVC stages -> lm-eval -> report."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+
+
+def _copy_project(dst: Path) -> None:
+    """What a fresh clone has: the files git tracks or would track (no outputs, no caches)."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        if rel.startswith(("reports/", "dvc.lock")) or not (ROOT / rel).is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+
+
+def _run(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    project = tmp_path_factory.mktemp("project")
+    _copy_project(project)
+    proc = _run(project, "-m", "qlora_pipeline", "run", *TINY)
+    (project / "run.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return project
+
+
+def test_report_names_both_methods_and_fine_tuning_beats_base(project):
+    report = (project / "reports/report.md").read_text()
+    assert "QLoRA" in report and "LoRA" in report and "paged_adamw_32bit" in report
+    html = (project / "reports/report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    task = metrics["tasks"]["qlora_synthetic_qa"]
+    assert task["qlora"] > task["base"] + 0.3
+    assert task["lora"] > task["base"] + 0.3
+    assert task["gap_ci_low"] <= task["gap"] <= task["gap_ci_high"]
+
+
+def test_qlora_footprint_is_below_lora(project):
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["footprint_mb"]["qlora"] < metrics["footprint_mb"]["lora"]
+
+
+def test_flow_ran_stages_in_dvc_dag_order_and_dvc_is_clean(project):
+    log = (project / "run.log").read_text()
+    order = re.findall(r"dvc repro --single-item (\S+)", log)
+    dot = _run(project, "-m", "dvc", "dag", "--dot").stdout
+    edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dot)
+    stages = {s for edge in edges for s in edge}
+    assert set(order) == stages and len(order) == len(stages)
+    for upstream, downstream in edges:
+        assert order.index(upstream) < order.index(downstream)
+    status = _run(project, "-m", "dvc", "status", "--json")
+    assert json.loads(status.stdout) == {}
+    lock = (project / "dvc.lock").read_text()
+    for stage in stages:
+        assert f"{stage}:" in lock
+
+
+def test_saved_adapter_reproduces_the_evaluated_outputs(project):
+    """PeftModel.from_pretrained on the shipped adapter gives the logits behind lm-eval's answers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, adapter = project / "models/base", project / "models/adapters/lora"
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16), adapter
+    ).eval()
+    rows = [
+        json.loads(line)
+        for line in (project / "results/eval/lora/samples_qlora_synthetic_qa.jsonl")
+        .read_text()
+        .splitlines()
+    ][:8]
+    for row in rows:
+        ids = tok(row["doc"]["prompt"], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(
+                **ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        text = (
+            tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            .split("\n")[0]
+            .strip()
+        )
+        assert text == row["filtered_resps"][0]
+
+
+def test_second_run_is_a_cache_hit(project):
+    lock = (project / "dvc.lock").read_text()
+    proc = _run(project, "-m", "qlora_pipeline", "run", *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "Running stage" not in out
+    assert out.count("didn't change, skipping") >= 8
+    assert (project / "dvc.lock").read_text() == lock
