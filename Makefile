@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params clean
+.PHONY: setup run test test-fast lint format params bench-prepare clean
 
 setup:
 	@bash scripts/setup.sh
@@ -33,6 +33,9 @@ format: setup
 
 params: setup ## re-compose params.yaml from conf/
 	$(BIN)/qlora-pipeline compose
+
+bench-prepare: setup ## time the prepare step on 100k generated rows (prints a table)
+	$(BIN)/python scripts/bench_prepare.py
 
 clean: ## remove generated outputs (DVC's cache keeps them restorable)
 	rm -rf models data/prepared results reports .prefect

@@ -21,10 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
     [
         [],
         ["model=llama-3.2-1b"],
-        ["data=jsonl", "data.path=some.jsonl"],
+        ["data=local", "data.path=some.jsonl"],
+        ["data=chat"],
+        ["data=sharegpt"],
+        ["data=hub", "data.hub_config=default"],
+        ["data=text"],
         ["methods.qlora.quantization.quant_type=fp4", "train.lora.target_modules=[q_proj,v_proj]"],
     ],
-    ids=["default", "hub-model", "jsonl", "fp4-qv"],
+    ids=["default", "hub-model", "local", "chat", "sharegpt", "hub", "text", "fp4-qv"],
 )
 def test_every_config_group_composes_and_validates(overrides):
     _, cfg = compose(ROOT, overrides)
@@ -57,7 +61,12 @@ def test_qlora_is_lora_plus_quantization_only():
         (["model.bootstrap.hidden_size=100"], "model.bootstrap.hidden_size"),
         (["train.max_steps=0"], "train.max_steps"),
         (["train.lr=fast"], "train.lr"),
-        (["data=jsonl"], "data.path"),
+        (["data=local", "data.path=null"], "data.path"),
+        (["data.format=alpacca"], "data.format"),
+        (["data.template=llama9"], "data.template"),
+        (["data.columns={answer: a}"], "data.columns.answer"),
+        (["data.splits={dev: x}"], "data.splits.dev"),
+        (["data.length_policy=chop"], "data.length_policy"),
         (["data.synthetic.skills=[reverse,fly]"], "data.synthetic.skills"),
     ],
 )

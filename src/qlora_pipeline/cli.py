@@ -20,7 +20,7 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
 Stage commands (what dvc.yaml runs; they read params.yaml):
   bootstrap | prepare | train {qlora,lora} | evaluate {base,qlora,lora} | report
 
-Overrides use Hydra syntax, e.g.  train.max_steps=200  data=jsonl data.path=my.jsonl
+Overrides use Hydra syntax, e.g.  train.max_steps=200  data=local data.path=data/raw/my.jsonl
   model=llama-3.2-1b  'methods.qlora.quantization.quant_type=fp4'  train.lora.r=8
 Config groups live in conf/: model, data, method (as methods.qlora / methods.lora), train, eval, report.
 """
@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="exit 1 if params.yaml differs from conf/"
     )
     sub.add_parser("bootstrap", help="build/pre-train the tiny base model, or point at a hub model")
-    sub.add_parser("prepare", help="generate or read the data, split, tokenize, save")
+    sub.add_parser(
+        "prepare", help="read or generate the data; clean, split, check, template, tokenize, save"
+    )
     tr = sub.add_parser("train", help="fine-tune LoRA adapters with one method")
     tr.add_argument("method", choices=["qlora", "lora"])
     ev = sub.add_parser("evaluate", help="run lm-eval on one model")

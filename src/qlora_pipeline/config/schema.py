@@ -56,17 +56,37 @@ class SyntheticConfig:
 
 
 @dataclass
+class ContaminationConfig:
+    ngram: int = 8
+    threshold: float = 0.5
+    drop: bool = False
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     source: str = "synthetic"
     path: str | None = None
-    instruction_field: str = "instruction"
-    response_field: str = "output"
-    template: str = "Q: {instruction}\nA:"
+    hub_config: str | None = None
+    revision: str | None = None
+    splits: dict[str, str] | None = None
+    format: str = "alpaca"
+    columns: dict[str, str] | None = None
+    message_keys: dict[str, str] = field(
+        default_factory=lambda: {"role": "role", "content": "content"}
+    )
+    roles: dict[str, str] | None = None
+    template: str = "auto"
     loss_on: str = "response"
     max_length: int = 64
+    length_policy: str = "truncate"
+    dedupe: bool = True
+    shuffle: bool = True
+    max_samples: int | None = None
     val_fraction: float = 0.025
     test_fraction: float = 0.025
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
+    packing: bool = False
     synthetic: SyntheticConfig | None = None
 
 
@@ -187,12 +207,26 @@ def _validate_values(cfg: PipelineConfig) -> None:
         )
 
     d = cfg.data
-    _one_of(d.source, ("synthetic", "jsonl"), "data.source")
+    from qlora_pipeline.data.formats import FIELDS, FORMATS
+    from qlora_pipeline.data.templates import TEMPLATES
+
+    _one_of(d.source, ("synthetic", "local", "hub"), "data.source")
+    _one_of(d.format, FORMATS, "data.format")
+    _one_of(d.template, TEMPLATES, "data.template")
     _one_of(d.loss_on, ("response", "all"), "data.loss_on")
-    _check("{instruction}" in d.template, "data.template", "must contain '{instruction}'")
+    _one_of(d.length_policy, ("truncate", "drop"), "data.length_policy")
+    for canonical in d.columns or {}:
+        _one_of(canonical, tuple(FIELDS[d.format]), f"data.columns.{canonical}")
     _positive(d.max_length, "data.max_length")
+    _check(d.max_samples is None or d.max_samples > 0, "data.max_samples", "must be > 0 or null")
     for name in ("val_fraction", "test_fraction"):
         _check(0 < getattr(d, name) < 0.5, f"data.{name}", "must be in (0, 0.5)")
+    _positive(d.contamination.ngram, "data.contamination.ngram")
+    _check(0 < d.contamination.threshold <= 1, "data.contamination.threshold", "must be in (0, 1]")
+    if d.splits is not None:
+        for split in d.splits:
+            _one_of(split, ("train", "val", "test"), f"data.splits.{split}")
+        _check("train" in d.splits, "data.splits", "must name the train split (or be null)")
     if d.source == "synthetic":
         _check(d.synthetic is not None, "data.synthetic", "required when data.source=synthetic")
         assert d.synthetic is not None
@@ -204,7 +238,11 @@ def _validate_values(cfg: PipelineConfig) -> None:
         for name in ("string_length", "n_train", "n_val", "n_test"):
             _positive(getattr(d.synthetic, name), f"data.synthetic.{name}")
     else:
-        _check(bool(d.path), "data.path", "required when data.source=jsonl")
+        _check(
+            bool(d.path),
+            "data.path",
+            f"required when data.source={d.source} (a file or folder; for hub, a dataset name)",
+        )
 
     _check({"qlora", "lora"} <= set(cfg.methods), "methods", "must define both 'qlora' and 'lora'")
     for name, method in cfg.methods.items():

@@ -1,108 +1,306 @@
-"""The prepare step: records -> prompt/response text -> token ids with labels masked to the
-response -> `datasets` on disk, `test.jsonl` for lm-eval, and `manifest.json`."""
+"""The prepare step: source rows -> conversations -> cleaned, split, checked, templated, tokenized
+(labels masked to the responses), optionally packed -> `datasets` on disk, `test.jsonl` for
+lm-eval, `manifest.json` and a token-length histogram. Written atomically; keyed by a hash of the
+source content, the data config, the tokenizer and this code, so an unchanged source is a cache hit.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.config.schema import DataConfig
+from qlora_pipeline.data import clean, formats, pack, sources, templates
 from qlora_pipeline.data.synthetic import generate
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_dir, sha256_file, sha256_text, write_json
+from qlora_pipeline.io import atomic_dir, read_json, sha256_text, write_json
 from qlora_pipeline.runtime import log
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = pack.IGNORE_INDEX
 SPLITS = ("train", "val", "test")
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
+BATCH = 2000  # examples per tokenizer call
+CODE_DIR = Path(__file__).parent
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, str]) -> list[dict[str, str]]:
-    """Read instruction/response records from a JSONL file; one clear error per bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: file not found")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PipelineError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise PipelineError(f"{path}:{lineno}: expected a JSON object")
-            missing = [k for k in fields if k not in row]
-            if missing:
-                raise PipelineError(
-                    f"{path}:{lineno}: missing field(s) {missing}; the row has {sorted(row)}"
-                )
-            for k in fields:
-                if not isinstance(row[k], str):
-                    raise PipelineError(f"{path}:{lineno}: field '{k}' must be a string")
-            records.append({"instruction": row[fields[0]], "output": row[fields[1]]})
-    if not records:
-        raise PipelineError(f"{path}: no records")
-    return records
+def _int_list() -> Any:
+    from datasets import Sequence, Value
+
+    return Sequence(Value("int32"))
 
 
-def split_records(
-    records: list[dict[str, str]], val_fraction: float, test_fraction: float, seed: int
-) -> dict[str, list[dict[str, str]]]:
-    """Shuffle from `seed` and cut into train/val/test (each at least one row)."""
-    if len(records) < 3:
-        raise PipelineError(f"need at least 3 records to split, got {len(records)}")
-    rows = list(records)
-    random.Random(seed).shuffle(rows)
-    n_test = max(1, round(len(rows) * test_fraction))
-    n_val = max(1, round(len(rows) * val_fraction))
-    return {
-        "test": rows[:n_test],
-        "val": rows[n_test : n_test + n_val],
-        "train": rows[n_test + n_val :],
-    }
+def describe(cfg: DataConfig) -> str:
+    if cfg.source == "synthetic":
+        return "synthetic data"
+    return f"{cfg.path}" if cfg.source == "local" else f"hub dataset '{cfg.path}'"
 
 
-def render(template: str, bos: str, record: dict[str, str]) -> tuple[str, str]:
-    """The prompt text (BOS included, as lm-eval sees it) and the response text (space-led)."""
-    return bos + template.format(instruction=record["instruction"]), " " + record["output"]
-
-
-def tokenize(
-    tokenizer: Any, prompt: str, response: str, max_length: int, loss_on: str
-) -> tuple[dict[str, list[int]], int]:
-    """Token ids of prompt+response+EOS, cut to `max_length`, and the uncut length.
-
-    Labels are -100 on the prompt when loss_on=response. Prompt and response are encoded
-    separately, exactly as generation sees the prompt.
-    """
-    p = tokenizer.encode(prompt, add_special_tokens=False)
-    r = [*tokenizer.encode(response + "\n", add_special_tokens=False), tokenizer.eos_token_id]
-    ids = p + r
-    labels = ([IGNORE_INDEX] * len(p) if loss_on == "response" else list(p)) + r
-    n = min(len(ids), max_length)
-    features = {"input_ids": ids[:n], "attention_mask": [1] * n, "labels": labels[:n]}
-    return features, len(ids)
-
-
-def load_records(cfg: DataConfig, seed: int) -> tuple[dict[str, list[dict[str, str]]], dict]:
-    """Records per split, and a description of the source for the manifest."""
+def read_source(cfg: DataConfig, seed: int) -> dict[str, sources.Rows]:
+    """Raw rows per given split (always `train`; `val` / `test` when the source has them)."""
     if cfg.source == "synthetic":
         assert cfg.synthetic is not None
         try:
-            splits = generate(cfg.synthetic, seed)
+            generated = generate(cfg.synthetic, seed)
         except ValueError as e:
             raise PipelineError(f"config key 'data.synthetic': {e}") from None
-        return splits, {"source": "synthetic", "skills": list(cfg.synthetic.skills)}
+        return {
+            name: sources.Rows(
+                rows=list(rows),
+                where=[f"synthetic[{name}]:row {i}" for i in range(len(rows))],
+                sources=[{"synthetic": name, "sha256": sha256_text(json.dumps(rows))}],
+            )
+            for name, rows in generated.items()
+        }
     assert cfg.path is not None
-    records = read_jsonl(cfg.path, (cfg.instruction_field, cfg.response_field))
-    return split_records(records, cfg.val_fraction, cfg.test_fraction, seed), {
-        "source": "jsonl",
-        "path": str(cfg.path),
-        "sha256": sha256_file(cfg.path),
+    if cfg.source == "local":
+        if not cfg.splits:
+            return {"train": sources.read_local(cfg.path)}
+        return {name: sources.read_local(cfg.path, pattern) for name, pattern in cfg.splits.items()}
+    given = cfg.splits or {"train": "train"}
+    return {
+        name: sources.read_hub(cfg.path, cfg.hub_config, split, cfg.revision)
+        for name, split in given.items()
     }
+
+
+def to_conversations(cfg: DataConfig, rows: sources.Rows) -> list[formats.Conversation]:
+    return [
+        formats.to_conversation(row, where, cfg.format, cfg.columns, cfg.message_keys, cfg.roles)
+        for row, where in zip(rows.rows, rows.where, strict=True)
+    ]
+
+
+def code_hash() -> str:
+    return sha256_text(
+        "".join(p.read_text(encoding="utf-8") for p in sorted(CODE_DIR.glob("*.py")))
+    )
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    spec = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": [tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token],
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return sha256_text(json.dumps(spec))
+
+
+def cache_key(cfg: DataConfig, seed: int, raw: dict[str, sources.Rows], tokenizer: Any) -> str:
+    """Hash of the source content, the data config, the seed, the tokenizer and this code."""
+    return sha256_text(
+        json.dumps(
+            {
+                "data": dataclasses.asdict(cfg),
+                "seed": seed,
+                "sources": {name: rows.sources for name, rows in sorted(raw.items())},
+                "tokenizer": tokenizer_hash(tokenizer),
+                "code": code_hash(),
+            },
+            sort_keys=True,
+        )
+    )
+
+
+def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added (the texts carry BOS/EOS themselves)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):  # Rust, no offsets: fastest
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def content_hash(ds: Any) -> str:
+    """sha256 of a split's token ids and labels (arrow buffers, so 100k rows hash in a blink)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("input_ids", "labels"):
+        column = ds.data.column(name).combine_chunks()
+        h.update(column.offsets.to_numpy().tobytes())
+        h.update(column.values.to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenize_batch(
+    segments: list[list[templates.Segment]], tokenizer: Any, max_length: int, loss_on: str
+) -> dict[str, list]:
+    """Segments of many examples -> input_ids, attention_mask, labels, length, trained.
+
+    Each segment is encoded on its own (as generation sees the prompt) and the pieces joined;
+    labels are -100 outside the responses when loss_on=response. Rows are cut to `max_length`;
+    `length` is the uncut token count, `trained` whether any label survived the cut.
+    """
+    encoded = iter(encode(tokenizer, [text for example in segments for text, _ in example]))
+    out: dict[str, list] = {
+        "input_ids": [],
+        "attention_mask": [],
+        "labels": [],
+        "length": [],
+        "trained": [],
+    }
+    for example in segments:
+        ids: list[int] = []
+        labels: list[int] = []
+        for _, is_response in example:
+            piece = next(encoded)
+            ids += piece
+            labels += piece if is_response or loss_on == "all" else [IGNORE_INDEX] * len(piece)
+        out["length"].append(len(ids))
+        out["input_ids"].append(ids[:max_length])
+        out["attention_mask"].append([1] * min(len(ids), max_length))
+        out["labels"].append(labels[:max_length])
+        out["trained"].append(any(x != IGNORE_INDEX for x in labels[:max_length]))
+    return out
+
+
+def row_lengths(ds: Any) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(ds.data.column("input_ids")).to_pylist()
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    import numpy as np
+
+    if not lengths:
+        return {}
+    a = np.asarray(lengths)
+    return {
+        "min": int(a.min()),
+        "mean": round(float(a.mean()), 2),
+        "p50": float(np.percentile(a, 50)),
+        "p95": float(np.percentile(a, 95)),
+        "max": int(a.max()),
+    }
+
+
+def length_histogram(lengths: dict[str, list[int]], max_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    top = max(max(max(v, default=0) for v in lengths.values()), max_length)
+    edges = np.linspace(0, top + 1, min(top + 2, 61))
+    for name, values in lengths.items():
+        counts, _ = np.histogram(values, bins=edges)
+        ax.stairs(counts, edges, fill=True, alpha=0.5, label=f"{name} ({len(values)})")
+    ax.axvline(max_length, color="black", linestyle="--", linewidth=1, label="max_length")
+    ax.set_xlabel("tokens per example (before truncation)")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _select(items: list, keep: list[int]) -> list:
+    return [items[i] for i in keep]
+
+
+def clean_splits(
+    cfg: DataConfig, seed: int, raw: dict[str, sources.Rows]
+) -> tuple[dict[str, list[formats.Conversation]], dict[str, dict[str, int]], dict[str, Any]]:
+    """Parse, drop empty rows, dedupe, shuffle, cut missing splits by ratio, cap, and check
+    contamination. Returns conversations per split, counts per split, contamination figures."""
+    counts: dict[str, dict[str, int]] = {}
+    splits: dict[str, list[formats.Conversation]] = {}
+    for name, rows in raw.items():
+        conversations = to_conversations(cfg, rows)
+        c = counts[name] = {"read": len(conversations)}
+        conversations = [x for x in conversations if not formats.is_empty(x)]
+        c["empty_dropped"] = c["read"] - len(conversations)
+        keep, dupes = clean.dedupe(conversations, drop=cfg.dedupe)
+        splits[name] = _select(conversations, keep)
+        c.update(dupes)
+        c["duplicates_dropped"] = len(conversations) - len(keep)
+    rng = random.Random(seed)
+    if cfg.shuffle:
+        rng.shuffle(splits["train"])
+    pool = len(splits["train"])  # missing splits are cut from train, deduplicated as one pool
+    for name, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
+        if name not in splits:
+            n = max(1, round(pool * fraction)) if pool > 2 else 0
+            splits[name], splits["train"] = splits["train"][:n], splits["train"][n:]
+            counts[name] = {"from_train": n}
+    if cfg.max_samples is not None and len(splits["train"]) > cfg.max_samples:
+        counts["train"]["max_samples_dropped"] = len(splits["train"]) - cfg.max_samples
+        splits["train"] = splits["train"][: cfg.max_samples]
+    c_cfg = cfg.contamination
+    figures: dict[str, Any] = {
+        "ngram": c_cfg.ngram,
+        "threshold": c_cfg.threshold,
+        "drop": c_cfg.drop,
+    }
+    for name in ("val", "test"):
+        overlaps, flagged = clean.contamination(
+            splits["train"], splits[name], c_cfg.ngram, c_cfg.threshold
+        )
+        figures[name] = {
+            "examples": len(overlaps),
+            "contaminated": sum(flagged),
+            "fraction": round(sum(flagged) / len(flagged), 4) if flagged else 0.0,
+            "max_overlap": round(max(overlaps, default=0.0), 4),
+            "mean_overlap": round(sum(overlaps) / len(overlaps), 4) if overlaps else 0.0,
+        }
+        if c_cfg.drop:
+            splits[name] = [x for x, bad in zip(splits[name], flagged, strict=True) if not bad]
+            counts[name]["contaminated_dropped"] = sum(flagged)
+    return splits, counts, figures
+
+
+def tokenize_split(
+    cfg: DataConfig, conversations: list[formats.Conversation], template: str, tokenizer: Any
+) -> tuple[
+    Any, list[formats.Conversation], list[list[templates.Segment]], dict[str, int], list[int]
+]:
+    """Tokenized rows of one split after the length policy (a `datasets.Dataset`), the
+    conversations and segments kept, counts, and the uncut token lengths of every row."""
+    from datasets import Dataset, Features
+    from tqdm.auto import tqdm
+
+    segments = [templates.render(x, template, tokenizer) for x in conversations]
+    columns: dict[str, list] = {}
+    for start in tqdm(range(0, len(segments), BATCH), desc="tokenize", unit="batch", leave=False):
+        part = tokenize_batch(
+            segments[start : start + BATCH], tokenizer, cfg.max_length, cfg.loss_on
+        )
+        for name, values in part.items():
+            columns.setdefault(name, []).extend(values)
+    lengths = columns["length"]
+    if cfg.length_policy == "drop":
+        keep = [i for i, n in enumerate(lengths) if n <= cfg.max_length]
+        counts = {"too_long_dropped": len(lengths) - len(keep)}
+    else:
+        keep = [i for i, ok in enumerate(columns["trained"]) if ok]
+        counts = {
+            "truncated": sum(n > cfg.max_length for n in lengths),
+            "no_response_left_dropped": len(lengths) - len(keep),
+        }
+    if len(keep) < len(lengths):
+        segments, conversations = _select(segments, keep), _select(conversations, keep)
+    ds = Dataset.from_dict(
+        {name: _select(columns[name], keep) for name in TOKEN_COLUMNS},
+        features=Features({name: _int_list() for name in TOKEN_COLUMNS}),
+    )
+    return ds, conversations, segments, counts, lengths
+
+
+def write_test_jsonl(path: Path, conversations: list, segments: list) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for conversation, segs in zip(conversations, segments, strict=True):
+            role, content = conversation[-1]
+            row = (
+                {"text": content}
+                if role == "text"
+                else {"prompt": templates.eval_prompt(segs), "answer": content}
+            )
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> dict:
@@ -111,52 +309,99 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
     Args:
         cfg: `data` section.
         tokenizer: the base model's tokenizer.
-        seed: seeds generation and splitting.
-        out_dir: gets `dataset/` (datasets.save_to_disk), `test.jsonl`, `manifest.json`.
+        seed: seeds generation, shuffling and splitting.
+        out_dir: gets `dataset/` (datasets.save_to_disk), `test.jsonl`, `manifest.json` and
+            `token_lengths.png`. Left untouched when anything fails.
+
+    Raises:
+        PipelineError: one line naming the file and row, the config key, or what is empty.
     """
+    import pyarrow as pa
     from datasets import Dataset, DatasetDict
 
-    splits, source = load_records(cfg, seed)
-    bos = tokenizer.bos_token or ""
-    columns: dict[str, Dataset] = {}
-    stats: dict[str, dict] = {}
+    out_dir = Path(out_dir)
+    raw = read_source(cfg, seed)
+    key = cache_key(cfg, seed, raw, tokenizer)
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file() and (out_dir / "dataset").is_dir():
+        previous = read_json(manifest_path)
+        if previous.get("cache_key") == key:
+            log.info("prepare: cache hit (%s unchanged) -> %s", describe(cfg), out_dir)
+            return previous
+    template = templates.resolve(cfg.template, tokenizer)
+    splits, counts, contamination = clean_splits(cfg, seed, raw)
+    datasets: dict[str, Dataset] = {}
+    segments: dict[str, list] = {}
+    lengths: dict[str, list[int]] = {}
     for name in SPLITS:
-        rows, lengths = [], []
-        for record in splits[name]:
-            prompt, response = render(cfg.template, bos, record)
-            features, length = tokenize(tokenizer, prompt, response, cfg.max_length, cfg.loss_on)
-            rows.append({**record, "prompt": prompt, "response": response, **features})
-            lengths.append(length)
-        truncated = sum(n > cfg.max_length for n in lengths)
-        stats[name] = {
-            "rows": len(rows),
-            "truncated": truncated,
-            "tokens_max": max(lengths),
-            "tokens_mean": sum(lengths) / len(lengths),
-            "content_sha256": sha256_text(json.dumps(splits[name], sort_keys=True)),
-        }
-        columns[name] = Dataset.from_list(rows)
-    manifest = {
-        "source": source,
+        if not splits[name]:
+            raise PipelineError(
+                f"{describe(cfg)}: no rows left in split '{name}' after filtering "
+                f"({json.dumps(counts.get(name, {}))}); check the data and data.* filters"
+            )
+        ds, splits[name], segments[name], length_counts, lengths[name] = tokenize_split(
+            cfg, splits[name], template, tokenizer
+        )
+        counts[name].update(length_counts)
+        if len(ds) == 0:
+            raise PipelineError(
+                f"{describe(cfg)}: no rows left in split '{name}' after the length policy "
+                f"({json.dumps(length_counts)}); raise data.max_length"
+            )
+        datasets[name] = ds
+        counts[name]["rows"] = len(ds)
+    kept_lengths = row_lengths(datasets["train"])
+    packing = {
+        "enabled": cfg.packing,
+        "length": cfg.max_length,
+        "padding_waste_unpacked": round(pack.padding_waste(kept_lengths, cfg.max_length), 4),
+        "padding_waste_packed": round(
+            pack.padding_waste(kept_lengths, cfg.max_length, packed=True), 4
+        ),
+    }
+    if cfg.packing:
+        table = datasets["train"].data
+        packed = pack.pack(table.column("input_ids"), table.column("labels"), cfg.max_length)
+        datasets["train"] = Dataset(pa.table(packed))
+        packing.update(examples=len(kept_lengths), rows=len(datasets["train"]))
+    manifest: dict[str, Any] = {
+        "cache_key": key,
+        "source": {
+            "kind": cfg.source,
+            "name": describe(cfg),
+            "files": {name: rows.sources for name, rows in raw.items()},
+        },
+        "format": cfg.format,
+        "template": template,
         "seed": seed,
-        "template": cfg.template,
         "loss_on": cfg.loss_on,
         "max_length": cfg.max_length,
-        "splits": stats,
+        "length_policy": cfg.length_policy,
+        "counts": counts,
+        "token_lengths": {name: length_stats(v) for name, v in lengths.items()},
+        "contamination": contamination,
+        "packing": packing,
+        "splits": {
+            name: {
+                "rows": len(datasets[name]),
+                "content_sha256": content_hash(datasets[name]),
+            }
+            for name in SPLITS
+        },
     }
     with atomic_dir(out_dir) as tmp:
-        DatasetDict(columns).save_to_disk(str(tmp / "dataset"))
-        with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
-            for record in splits["test"]:
-                prompt, _ = render(cfg.template, bos, record)
-                f.write(json.dumps({"prompt": prompt, "answer": record["output"]}) + "\n")
+        DatasetDict(datasets).save_to_disk(str(tmp / "dataset"))
+        write_test_jsonl(tmp / "test.jsonl", splits["test"], segments["test"])
+        length_histogram(lengths, cfg.max_length, tmp / "token_lengths.png")
         write_json(tmp / "manifest.json", manifest)
     log.info(
-        "prepare: %s -> %s (train %d, val %d, test %d rows)",
-        source["source"],
+        "prepare: %s -> %s (train %d%s, val %d, test %d rows; template %s)",
+        describe(cfg),
         out_dir,
-        stats["train"]["rows"],
-        stats["val"]["rows"],
-        stats["test"]["rows"],
+        manifest["splits"]["train"]["rows"],
+        " packed" if cfg.packing else "",
+        manifest["splits"]["val"]["rows"],
+        manifest["splits"]["test"]["rows"],
+        template,
     )
     return manifest

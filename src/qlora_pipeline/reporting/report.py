@@ -291,7 +291,8 @@ def build_report(
             ("git commit", git_commit(Path.cwd())),
             (
                 "data",
-                f"{manifest['source']['source']}; test sha256 {manifest['splits']['test']['content_sha256'][:16]}…",
+                f"{manifest['source']['name']} ({manifest['format']}, template "
+                f"{manifest['template']}); prepared data key {manifest['cache_key'][:16]}…",
             ),
             *((f"adapter {m}", f"sha256 {sha256_dir(adapters_dir / m)[:16]}…") for m in METHODS),
             ("seed", str(cfg.seed)),

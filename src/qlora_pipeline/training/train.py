@@ -12,12 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.config.schema import PipelineConfig
+from qlora_pipeline.data.pack import IGNORE_INDEX, PackedCollator
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_dir, atomic_write_text, write_json
 from qlora_pipeline.modeling.load import attach_lora, load_base, load_tokenizer
 from qlora_pipeline.runtime import device_name, log, peak_memory_mb
 
-TRAIN_COLUMNS = ["input_ids", "attention_mask", "labels"]
+
+def collator(columns: list[str], tokenizer: Any) -> Any:
+    """Packed rows (with position_ids, see data/pack.py) or plain rows padded per batch."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if "position_ids" in columns:
+        return PackedCollator(tokenizer.pad_token_id)
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
 def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) -> Any:
@@ -85,7 +93,7 @@ def train(
     """
     import torch
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers import Trainer
 
     if method_name not in cfg.methods:
         raise PipelineError(f"unknown method '{method_name}'; configured: {sorted(cfg.methods)}")
@@ -100,7 +108,7 @@ def train(
     base_footprint = model.get_memory_footprint()
     model = attach_lora(model, cfg.train.lora, method, cfg.seed)
     trainable, total = model.get_nb_trainable_parameters()
-    train_set = load_from_disk(str(dataset_dir))["train"].select_columns(TRAIN_COLUMNS)
+    train_set = load_from_disk(str(dataset_dir))["train"]
 
     paging = method.optimizer.startswith("paged") and torch.cuda.is_available()
     if method.optimizer.startswith("paged") and not paging:
@@ -128,7 +136,8 @@ def train(
             model=model,
             args=training_arguments(cfg, method_name, tmp / "_trainer"),
             train_dataset=train_set,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+            data_collator=collator(train_set.column_names, tokenizer),
+            processing_class=tokenizer,  # counts non-padding tokens when rows are packed
         )
         t_train = time.perf_counter()
         result = trainer.train()
