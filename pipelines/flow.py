@@ -6,6 +6,7 @@ tasks, retries, logs and publishes the report as a markdown artifact.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,11 +51,22 @@ def pipeline_flow(root: str, overrides: list[str]) -> str:
     return str(report)
 
 
+GATE_FAILED = 3
+
+
 def run(root: Path, overrides: list[str]) -> int:
-    """Entry point of `qlora-pipeline run`: validate overrides first, then run the flow."""
-    compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
+    """Entry point of `qlora-pipeline run`: validate overrides first, then run the flow.
+
+    Returns 0, 1 when a stage failed, or 3 when the quality gate says FAIL and
+    `report.gate.enforce` is on (the report is written either way).
+    """
+    _, cfg = compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
     state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
         print(f"error: pipeline failed: {state.message}", file=sys.stderr)
         return 1
+    metrics = json.loads((root / cfg.paths.report / "metrics.json").read_text(encoding="utf-8"))
+    if metrics["verdict"] != "PASS" and cfg.report.gate.enforce:
+        print(f"error: quality gate FAIL: {'; '.join(metrics['reasons'])}", file=sys.stderr)
+        return GATE_FAILED
     return 0

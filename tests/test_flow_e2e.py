@@ -63,13 +63,45 @@ def project(tmp_path_factory):
 def test_report_names_both_methods_and_fine_tuning_beats_base(project):
     report = (project / "reports/report.md").read_text()
     assert "QLoRA" in report and "LoRA" in report and "paged_adamw_32bit" in report
+    assert "McNemar p" in report and "no accepted run yet" in report
     html = (project / "reports/report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 3
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    task = metrics["tasks"]["qlora_synthetic_qa"]
-    assert task["qlora"] > task["base"] + 0.3
-    assert task["lora"] > task["base"] + 0.3
-    assert task["gap_ci_low"] <= task["gap"] <= task["gap_ci_high"]
+    assert set(metrics["tasks"]) == {"qlora_synthetic_qa", "qlora_answer_ll"}
+    for name, task in metrics["tasks"].items():
+        assert task["qlora"] > task["base"] + 0.3, name
+        assert task["lora"] > task["base"] + 0.3, name
+        assert task["gap_ci_low"] <= task["gap"] <= task["gap_ci_high"]
+        assert 0 <= task["mcnemar"]["p_value"] <= 1 and task["qlora_vs_accepted"] is None
+    assert metrics["verdict"] in ("PASS", "FAIL") and metrics["optimizer"]["qlora"]
+    rows = (project / "reports/scores.csv").read_text().splitlines()
+    assert rows[0] == "task,model,score,ci_low,ci_high" and len(rows) == 1 + 2 * 3
+
+
+@pytest.mark.skipif(
+    not shutil.which("chromium"), reason="needs Debian's chromium (.ci/run installs it)"
+)
+def test_report_html_renders_in_headless_chromium(project):
+    import numpy as np
+    from matplotlib.image import imread
+    from playwright.sync_api import sync_playwright
+
+    shot = project / "report.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto((project / "reports/report.html").as_uri())
+        images = page.evaluate(
+            "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
+        )
+        tables = page.evaluate("document.querySelectorAll('table').length")
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert [alt for alt, _, _ in images] == ["gap", "scores", "loss_curves"]
+    assert all(complete and width > 300 for _, complete, width in images)
+    assert tables >= 5
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[0] > 900 and np.std(pixels) > 0.05  # not blank
 
 
 def test_qlora_footprint_is_below_lora(project):
@@ -131,3 +163,24 @@ def test_second_run_is_a_cache_hit(project):
     assert "Running stage" not in out
     assert out.count("didn't change, skipping") >= 8
     assert (project / "dvc.lock").read_text() == lock
+
+
+def test_enforced_gate_fails_the_run_and_compares_with_the_accepted_run(project):
+    """Accept the run (commit reports/ and dvc.lock), then gate the next one with an impossible
+    retention threshold: only the report stage reruns, it compares with the accepted metrics, and
+    the run exits 3."""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
+    subprocess.run([*git, "commit", "-qm", "accept"], cwd=project, check=True, capture_output=True)
+    gated = [*TINY, "report.gate.enforce=true", "report.gate.min_retention=5"]
+    proc = _run(project, "-m", "qlora_pipeline", "run", *gated)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "error: quality gate FAIL: qlora_synthetic_qa: retention" in proc.stderr
+    assert re.findall(r"Running stage '([^']+)'", out) == ["report"]
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert metrics["verdict"] == "FAIL"
+    assert all(t["qlora_vs_accepted"] == 0.0 for t in metrics["tasks"].values())
+    assert "reports/metrics.json at HEAD" in (project / "reports/report.md").read_text()
+    gate = _run(project, "-m", "qlora_pipeline", "gate")
+    assert gate.returncode == 1 and gate.stdout.startswith("quality gate: FAIL (")

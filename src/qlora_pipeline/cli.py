@@ -19,6 +19,7 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
   bootstrap | prepare | train {qlora,lora} | evaluate {base,qlora,lora} | report
+  qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
 
 Overrides use Hydra syntax, e.g.  train.max_steps=200  data=local data.path=data/raw/my.jsonl
   model=llama-3.2-1b  'methods.qlora.quantization.quant_type=fp4'  train.lora.r=8
@@ -57,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="run lm-eval on one model")
     ev.add_argument("model", choices=["base", "qlora", "lora"])
     sub.add_parser("report", help="write the quality-gap report")
+    sub.add_parser(
+        "gate",
+        help="print the report's quality-gate verdict; exit 1 on FAIL (for CI and schedules)",
+    )
     return p
 
 
@@ -124,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             write_params(root, args.overrides)
             log.info("wrote %s", root / "params.yaml")
             return 0
+        if args.command == "gate":
+            from qlora_pipeline.config.schema import load_params
+            from qlora_pipeline.reporting.gate import verdict_of
+
+            return verdict_of(Path(load_params(args.params).paths.report) / "metrics.json")
         _stage(args)
         return 0
     except PipelineError as e:

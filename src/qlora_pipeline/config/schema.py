@@ -133,13 +133,26 @@ class EvalConfig:
     tasks_dir: str | None = None
     batch_size: int = 64
     limit: int | None = None
+    num_fewshot: int | None = None
     max_gen_toks: int = 16
+    gen_kwargs: dict[str, Any] | None = None
+
+
+@dataclass
+class GateConfig:
+    enforce: bool = False
+    tasks: list[str] | None = None
+    min_gain_over_base: float = 0.5
+    min_retention: float = 0.9
+    max_drop_vs_lora: float = 0.05
+    min_gain_vs_accepted: float = 0.0
 
 
 @dataclass
 class ReportConfig:
     title: str = "QLoRA vs LoRA quality gap"
-    min_gain: float = 0.5
+    accepted_rev: str | None = "HEAD"
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass
@@ -272,6 +285,15 @@ def _validate_values(cfg: PipelineConfig) -> None:
     _positive(cfg.eval.batch_size, "eval.batch_size")
     _positive(cfg.eval.max_gen_toks, "eval.max_gen_toks")
     _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")
+    _check(
+        cfg.eval.num_fewshot is None or cfg.eval.num_fewshot >= 0,
+        "eval.num_fewshot",
+        "must be >= 0 or null",
+    )
+    g = cfg.report.gate
+    _check(g.max_drop_vs_lora >= 0, "report.gate.max_drop_vs_lora", "must be >= 0")
+    for name in g.tasks or []:
+        _one_of(name, tuple(cfg.eval.tasks), "report.gate.tasks")
     _check(cfg.threads >= 0, "threads", "must be >= 0")
 
 

@@ -291,14 +291,20 @@ def tokenize_split(
     return ds, conversations, segments, counts, lengths
 
 
-def write_test_jsonl(path: Path, conversations: list, segments: list) -> None:
+def write_test_jsonl(path: Path, conversations: list, segments: list, eos: str) -> None:
+    """lm-eval rows: `prompt` (everything before the last response), `answer` (its content, for
+    exact match) and `target` (the response text as trained, EOS removed, for log-likelihood)."""
     with open(path, "w", encoding="utf-8") as f:
         for conversation, segs in zip(conversations, segments, strict=True):
             role, content = conversation[-1]
             row = (
                 {"text": content}
                 if role == "text"
-                else {"prompt": templates.eval_prompt(segs), "answer": content}
+                else {
+                    "prompt": templates.eval_prompt(segs),
+                    "answer": content,
+                    "target": segs[-1][0].replace(eos, "") if eos else segs[-1][0],
+                }
             )
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -391,7 +397,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
     }
     with atomic_dir(out_dir) as tmp:
         DatasetDict(datasets).save_to_disk(str(tmp / "dataset"))
-        write_test_jsonl(tmp / "test.jsonl", splits["test"], segments["test"])
+        write_test_jsonl(
+            tmp / "test.jsonl", splits["test"], segments["test"], tokenizer.eos_token or ""
+        )
         length_histogram(lengths, cfg.max_length, tmp / "token_lengths.png")
         write_json(tmp / "manifest.json", manifest)
     log.info(

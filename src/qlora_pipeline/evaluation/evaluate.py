@@ -28,15 +28,59 @@ def tasks_dir(cfg: PipelineConfig) -> Path:
 
 def task_config(task_dir: Path, name: str, test_jsonl: Path, max_gen_toks: int) -> dict[str, Any]:
     """Our YAML task with its data file pointed at the prepared test split."""
-    path = task_dir / f"{name}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in task_dir.glob("*.yaml"))
-        raise PipelineError(f"eval task '{name}': no {path}; available: {available}")
-    cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cfg = yaml.safe_load((task_dir / f"{name}.yaml").read_text(encoding="utf-8"))
     if cfg.get("dataset_path") == "json":
         cfg["dataset_kwargs"] = {"data_files": {"test": str(test_jsonl.resolve())}}
-    cfg.setdefault("generation_kwargs", {})["max_gen_toks"] = max_gen_toks
+    if cfg.get("output_type") == "generate_until":
+        cfg.setdefault("generation_kwargs", {})["max_gen_toks"] = max_gen_toks
     return cfg
+
+
+def missing_datasets(specs: list[tuple[str, str | None]]) -> list[str]:
+    """The (dataset path, config) pairs that can be neither downloaded nor found in the cache."""
+    import datasets
+
+    missing = []
+    for path, name in specs:
+        try:
+            datasets.load_dataset_builder(path, name)
+        except (ConnectionError, FileNotFoundError, OSError, ValueError):
+            missing.append(path + (f" ({name})" if name else ""))
+    return missing
+
+
+def resolve_tasks(
+    names: list[str], task_dir: Path, test_jsonl: Path, max_gen_toks: int, manager: Any
+) -> list[Any]:
+    """lm-eval task specs: our YAML tasks (from `task_dir`) as inline configs reading the prepared
+    test split, and standard harness tasks by name once their datasets are reachable.
+
+    Raises:
+        PipelineError: an unknown task name, or standard tasks whose datasets are unreachable.
+    """
+    specs: list[Any] = []
+    hub: list[tuple[str, str | None]] = []
+    for name in names:
+        if (task_dir / f"{name}.yaml").is_file():
+            specs.append(task_config(task_dir, name, test_jsonl, max_gen_toks))
+            continue
+        entry = manager.task_index.get(name)
+        if entry is None:
+            ours = sorted(p.stem for p in task_dir.glob("*.yaml"))
+            raise PipelineError(
+                f"config key 'eval.tasks': unknown task '{name}'; not in {task_dir} ({ours}) and "
+                "not a registered lm-eval task (see `lm-eval ls tasks`)"
+            )
+        if entry.cfg and entry.cfg.get("dataset_path"):
+            hub.append((entry.cfg["dataset_path"], entry.cfg.get("dataset_name")))
+        specs.append(name)
+    missing = missing_datasets(hub)
+    if missing:
+        raise PipelineError(
+            f"eval tasks need datasets that are not reachable and not in the local cache: "
+            f"{', '.join(missing)}; connect once to cache them, or drop those tasks from eval.tasks"
+        )
+    return specs
 
 
 def load_for_eval(cfg: PipelineConfig, which: str, base_dir: Path, adapters_dir: Path) -> Any:
@@ -49,10 +93,18 @@ def load_for_eval(cfg: PipelineConfig, which: str, base_dir: Path, adapters_dir:
     return load_adapted(base_dir, cfg.methods[which], adapters_dir / which, trust)
 
 
-def primary_metric(task_results: dict[str, Any]) -> tuple[str, float, float | None]:
-    """The first `metric,filter` of a task's results, its value and its stderr."""
+def primary_metric(
+    task_results: dict[str, Any], first: str | None = None
+) -> tuple[str, float, float | None]:
+    """The task's primary `metric,filter`, its value and its stderr: the first metric of the
+    task's `metric_list` (`first`) when given, else the first metric in the results."""
     for key, value in task_results.items():
-        if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+        if (
+            "," in key
+            and "_stderr" not in key
+            and isinstance(value, (int, float))
+            and (first is None or key.split(",", 1)[0] == first)
+        ):
             metric, filt = key.split(",", 1)
             stderr = task_results.get(f"{metric}_stderr,{filt}")
             return (
@@ -94,7 +146,8 @@ def evaluate(
     if not test_jsonl.is_file():
         raise PipelineError(f"{test_jsonl}: not found; run the prepare stage first")
     tdir = tasks_dir(cfg)
-    task_cfgs = [task_config(tdir, t, test_jsonl, cfg.eval.max_gen_toks) for t in cfg.eval.tasks]
+    manager = TaskManager(include_path=str(tdir))
+    specs = resolve_tasks(cfg.eval.tasks, tdir, test_jsonl, cfg.eval.max_gen_toks, manager)
     tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
     model = load_for_eval(cfg, which, Path(base_dir), Path(adapters_dir))
     footprint = int(model.get_memory_footprint())
@@ -114,9 +167,11 @@ def evaluate(
     )
     results = simple_evaluate(
         model=lm,
-        tasks=task_cfgs,
-        task_manager=TaskManager(include_path=str(tdir)),
+        tasks=specs,
+        task_manager=manager,
         limit=cfg.eval.limit,
+        num_fewshot=cfg.eval.num_fewshot,
+        gen_kwargs=dict(cfg.eval.gen_kwargs) if cfg.eval.gen_kwargs else None,
         log_samples=True,
         random_seed=cfg.seed,
         numpy_random_seed=cfg.seed,
@@ -129,7 +184,8 @@ def evaluate(
     samples = results.pop("samples", {})
     metrics: dict[str, Any] = {"model": which, "footprint_bytes": footprint, "tasks": {}}
     for task, task_results in results["results"].items():
-        key, value, stderr = primary_metric(task_results)
+        metric_list = results.get("configs", {}).get(task, {}).get("metric_list") or [{}]
+        key, value, stderr = primary_metric(task_results, metric_list[0].get("metric"))
         n = len(samples.get(task, []))
         metrics["tasks"][task] = {"metric": key, "value": value, "stderr": stderr, "n": n}
         log.info("evaluate[%s]: %s %s = %.3f (n=%d)", which, task, key, value, n)

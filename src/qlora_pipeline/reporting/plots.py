@@ -29,21 +29,51 @@ def loss_curves(curves: dict[str, tuple[list[float], list[float]]], path: Path) 
     return path
 
 
-def scores(values: dict[str, tuple[float, float]], metric: str, path: Path) -> Path:
-    """One bar per model with a 95% interval (±1.96 stderr)."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=110)
-    names = list(values)
-    ax.bar(
-        names,
-        [values[n][0] for n in names],
-        yerr=[1.96 * values[n][1] for n in names],
-        color=[COLORS.get(n, "#555555") for n in names],
-        capsize=6,
-    )
+def scores(tasks: dict[str, dict[str, tuple[float, float]]], path: Path) -> Path:
+    """Grouped bars: per task, one bar per model with a 95% interval (±1.96 stderr)."""
+    import numpy as np
+
+    names = list(tasks)
+    models = list(next(iter(tasks.values())))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(5.2, 2.2 * len(names) + 1.5), 3.6), dpi=110)
+    x = np.arange(len(names))
+    for i, model in enumerate(models):
+        ax.bar(
+            x + (i - (len(models) - 1) / 2) * width,
+            [tasks[t][model][0] for t in names],
+            width,
+            yerr=[1.96 * tasks[t][model][1] for t in names],
+            color=COLORS.get(model, "#555555"),
+            capsize=4,
+            label=model,
+        )
+    ax.set_xticks(x, names)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel(metric)
+    ax.set_ylabel("score (primary metric)")
     ax.grid(axis="y", alpha=0.3)
-    ax.set_title("Score per model (95% interval)")
+    ax.legend(fontsize=8)
+    ax.set_title("Score per task and model (95% interval)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def gap_bars(gaps: dict[str, tuple[float, float, float]], path: Path) -> Path:
+    """QLoRA − LoRA per task with its paired-bootstrap interval; the zero line is parity."""
+    names = list(gaps)
+    fig, ax = plt.subplots(figsize=(6.0, 1.2 + 0.6 * len(names)), dpi=110)
+    values = [gaps[n][0] for n in names]
+    errors = [[gaps[n][0] - gaps[n][1] for n in names], [gaps[n][2] - gaps[n][0] for n in names]]
+    colors = [COLORS["qlora"] if v >= 0 else COLORS["lora"] for v in values]
+    ax.barh(names, values, xerr=errors, color=colors, capsize=5, height=0.5)
+    ax.axvline(0, color="black", linewidth=1)
+    span = max(0.05, *(abs(x) for row in gaps.values() for x in row)) * 1.2
+    ax.set_xlim(-span, span)
+    ax.set_xlabel("QLoRA − LoRA (95% paired-bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("Quality gap per task")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -7,19 +7,24 @@ HTML page with the plots embedded), so the two never disagree.
 from __future__ import annotations
 
 import base64
+import csv
+import dataclasses
 import html
+import io
 import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_dir, atomic_write_text, read_json, sha256_dir, write_json
-from qlora_pipeline.reporting import plots
-from qlora_pipeline.reporting.stats import paired_bootstrap
+from qlora_pipeline.reporting import gate, plots
+from qlora_pipeline.reporting.gate import accepted_metrics
+from qlora_pipeline.reporting.stats import is_binary, mcnemar, paired_bootstrap
 from qlora_pipeline.runtime import library_versions, log
 
 MODELS = ("base", "qlora", "lora")
@@ -111,6 +116,59 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or x != x else f"{x:.{digits}f}"
 
 
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dataclasses / dicts as {"a.b.c": value}."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_diff(qlora: Any, lora: Any) -> list[tuple[str, str, str]]:
+    """The settings in which the two arms differ: (key, QLoRA value, LoRA value)."""
+    q, lo = flatten(qlora), flatten(lora)
+    every = set(q) | set(lo)
+    keys = sorted(
+        k
+        for k in every
+        if q.get(k, "—") != lo.get(k, "—")
+        and k != "name"
+        and not any(other.startswith(k + ".") for other in every)  # a block set on one side only
+    )
+    return [(k, str(q.get(k, "—")), str(lo.get(k, "—"))) for k in keys]
+
+
+def task_figures(
+    scores: dict[str, np.ndarray], res: dict[str, dict], seed: int, accepted: dict | None
+) -> dict[str, Any]:
+    """Per-task statistics: scores, gains, paired bootstrap gap and retention, McNemar when the
+    metric is 0/1 per item, and the change against the accepted run."""
+    stats = paired_bootstrap(scores["base"], scores["qlora"], scores["lora"], seed=seed)
+    binary = is_binary(scores["qlora"]) and is_binary(scores["lora"])
+    figures: dict[str, Any] = {
+        "metric": res["base"]["metric"],
+        "n": res["base"]["n"],
+        **{m: res[m]["value"] for m in MODELS},
+        **{f"{m}_stderr": res[m]["stderr"] for m in MODELS},
+        **{f"{m}_gain": res[m]["value"] - res["base"]["value"] for m in METHODS},
+        **stats,
+        "mcnemar": mcnemar(scores["qlora"], scores["lora"]) if binary else None,
+    }
+    for m in METHODS:
+        figures[f"{m}_vs_accepted"] = (
+            figures[m] - accepted[m] if accepted is not None and m in accepted else None
+        )
+    return figures
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
+
+
 def build_report(
     cfg: PipelineConfig,
     data_dir: str | Path,
@@ -118,12 +176,13 @@ def build_report(
     eval_dir: str | Path,
     out_dir: str | Path,
 ) -> dict:
-    """Write report.md, report.html, metrics.json and the plots (atomically).
+    """Write report.md, report.html, metrics.json, the plots and their data (atomically).
 
     Returns:
         The content of `metrics.json`.
     """
     data_dir, adapters_dir, eval_dir = Path(data_dir), Path(adapters_dir), Path(eval_dir)
+    out_dir = Path(out_dir)
     evals, trains = {}, {}
     for m in MODELS:
         path = eval_dir / m / "metrics.json"
@@ -136,46 +195,28 @@ def build_report(
             raise PipelineError(f"{path}: not found; run the train stage for '{m}' first")
         trains[m] = read_json(path)
     manifest = read_json(data_dir / "manifest.json")
+    accepted, accepted_from = accepted_metrics(cfg.report.accepted_rev, out_dir / "metrics.json")
 
-    blocks: list[Block] = [Block("h1", cfg.report.title)]
-    task_rows, metrics_tasks = [], {}
+    tasks: dict[str, dict[str, Any]] = {}
     for task in cfg.eval.tasks:
         res = {m: evals[m]["tasks"][task] for m in MODELS}
-        metric = res["base"]["metric"]
-        scores = {m: per_sample_scores(eval_dir / m, task, metric.split(",")[0]) for m in MODELS}
-        stats = paired_bootstrap(scores["base"], scores["qlora"], scores["lora"], seed=cfg.seed)
-        gains = {m: res[m]["value"] - res["base"]["value"] for m in METHODS}
-        passed = all(g >= cfg.report.min_gain for g in gains.values())
-        metrics_tasks[task] = {
-            "metric": metric,
-            "n": res["base"]["n"],
-            **{m: res[m]["value"] for m in MODELS},
-            **{f"{m}_stderr": res[m]["stderr"] for m in MODELS},
-            **{f"{m}_gain": gains[m] for m in METHODS},
-            **stats,
-            "both_beat_base": passed,
-        }
-        task_rows.append(
-            (
-                task,
-                f"{metric} (n={res['base']['n']})",
-                *(f"{res[m]['value']:.3f} ± {_fmt(res[m]['stderr'])}" for m in MODELS),
-                f"{stats['gap']:+.3f} [{stats['gap_ci_low']:+.3f}, {stats['gap_ci_high']:+.3f}]",
-                f"{_fmt(stats['retention'], 2)} [{_fmt(stats['retention_ci_low'], 2)}, "
-                f"{_fmt(stats['retention_ci_high'], 2)}]",
-            )
-        )
-    first = metrics_tasks[cfg.eval.tasks[0]]
-    verdict = "PASS" if all(t["both_beat_base"] for t in metrics_tasks.values()) else "FAIL"
-    blocks += [
+        metric = res["base"]["metric"].split(",")[0]
+        scores = {m: per_sample_scores(eval_dir / m, task, metric) for m in MODELS}
+        previous = (accepted or {}).get("tasks", {}).get(task)
+        tasks[task] = task_figures(scores, res, cfg.seed, previous)
+    verdict, reasons = gate.check(tasks, cfg.report.gate)
+
+    g = cfg.report.gate
+    first_name = cfg.eval.tasks[0]
+    first = tasks[first_name]
+    blocks: list[Block] = [
+        Block("h1", cfg.report.title),
         Block(
             "p",
-            (
-                f"QLoRA keeps {_fmt(first['retention'] * 100, 0)}% of LoRA's gain over the base model "
-                f"on {cfg.eval.tasks[0]} (QLoRA − LoRA = {first['gap']:+.3f}, "
-                f"95% CI [{first['gap_ci_low']:+.3f}, {first['gap_ci_high']:+.3f}]). "
-                f"Both beat base by ≥ {cfg.report.min_gain}: {verdict}."
-            ),
+            f"QLoRA keeps {_fmt(first['retention'] * 100, 0)}% of LoRA's gain over the base model "
+            f"on {first_name} (QLoRA − LoRA = {first['gap']:+.3f}, 95% CI "
+            f"[{first['gap_ci_low']:+.3f}, {first['gap_ci_high']:+.3f}]). Quality gate: {verdict}"
+            + (f" ({'; '.join(reasons)})." if reasons else "."),
         ),
         Block("h2", "Quality"),
         Block(
@@ -187,135 +228,201 @@ def build_report(
                 "QLoRA",
                 "LoRA",
                 "QLoRA − LoRA [95% CI]",
+                "McNemar p",
                 "retention [95% CI]",
+                "Δ QLoRA vs accepted",
+                "Δ LoRA vs accepted",
             ),
-            rows=tuple(task_rows),
+            rows=tuple(
+                (
+                    task,
+                    f"{t['metric']} (n={t['n']})",
+                    *(f"{t[m]:.3f} ± {_fmt(t[f'{m}_stderr'])}" for m in MODELS),
+                    f"{t['gap']:+.3f} [{t['gap_ci_low']:+.3f}, {t['gap_ci_high']:+.3f}]",
+                    _fmt(t["mcnemar"]["p_value"]) if t["mcnemar"] else "n/a (not 0/1)",
+                    f"{_fmt(t['retention'], 2)} [{_fmt(t['retention_ci_low'], 2)}, "
+                    f"{_fmt(t['retention_ci_high'], 2)}]",
+                    _signed(t["qlora_vs_accepted"]),
+                    _signed(t["lora_vs_accepted"]),
+                )
+                for task, t in tasks.items()
+            ),
         ),
         Block(
             "p",
             "Scores are mean ± standard error from lm-eval. Intervals: paired bootstrap over "
-            "test items (2000 resamples). Retention = (QLoRA − base) / (LoRA − base).",
+            "test items (2000 resamples). McNemar: exact two-sided test of QLoRA vs LoRA on the "
+            "items where exactly one is right. Retention = (QLoRA − base) / (LoRA − base). "
+            f"Accepted run: {accepted_from}.",
         ),
+        Block("img", "gap.png"),
+        Block("img", "scores.png"),
+        Block("h2", f"Quality gate: {verdict}"),
+        Block(
+            "table",
+            headers=("condition", "threshold"),
+            rows=(
+                ("tasks", ", ".join(g.tasks or cfg.eval.tasks)),
+                ("QLoRA and LoRA gain over base ≥", str(g.min_gain_over_base)),
+                ("retention ≥", str(g.min_retention)),
+                ("QLoRA − LoRA ≥", str(-g.max_drop_vs_lora)),
+                ("QLoRA − accepted QLoRA ≥", str(g.min_gain_vs_accepted)),
+                ("enforced (run exits non-zero on FAIL)", "yes" if g.enforce else "no"),
+            ),
+        ),
+        Block("p", "Failed: " + "; ".join(reasons) if reasons else "Every condition holds."),
     ]
 
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        curves = {m: _read_curve(adapters_dir / m / "loss.csv") for m in METHODS}
-        plots.loss_curves(curves, tmp / "loss_curves.png")
-        task0 = cfg.eval.tasks[0]
-        plots.scores(
-            {
-                m: (evals[m]["tasks"][task0]["value"], evals[m]["tasks"][task0]["stderr"] or 0.0)
-                for m in MODELS
-            },
-            evals["base"]["tasks"][task0]["metric"],
-            tmp / "scores.png",
-        )
-        blocks.append(Block("img", "scores.png"))
-        mb = 2**20
-        blocks += [
-            Block("h2", "Memory and speed"),
-            Block(
-                "table",
-                headers=("", "QLoRA", "LoRA"),
-                rows=(
-                    (
-                        "base weights",
-                        *(
-                            f"4-bit {q['quant_type']}{' + DQ' if q['double_quant'] else ''} (compute {q['compute_dtype']})"
-                            if (q := trains[m]["quantization"])
-                            else trains[m]["base_dtype"]
-                            for m in METHODS
-                        ),
+    mb = 2**20
+    blocks += [
+        Block("h2", "Memory and speed"),
+        Block(
+            "table",
+            headers=("", "QLoRA", "LoRA"),
+            rows=(
+                (
+                    "base weights",
+                    *(
+                        f"4-bit {q['quant_type']}{' + DQ' if q['double_quant'] else ''} "
+                        f"(compute {q['compute_dtype']})"
+                        if (q := trains[m]["quantization"])
+                        else trains[m]["base_dtype"]
+                        for m in METHODS
                     ),
-                    (
-                        "optimizer",
-                        *(
-                            trains[m]["optimizer"]
-                            + (
-                                ""
-                                if trains[m]["optimizer_paging"]
-                                or not trains[m]["optimizer"].startswith("paged")
-                                else " (no paging on CPU)"
-                            )
-                            for m in METHODS
-                        ),
+                ),
+                (
+                    "optimizer",
+                    *(
+                        trains[m]["optimizer"]
+                        + (
+                            ""
+                            if trains[m]["optimizer_paging"]
+                            or not trains[m]["optimizer"].startswith("paged")
+                            else " (no paging on CPU)"
+                        )
+                        for m in METHODS
                     ),
-                    ("device", *(trains[m]["device"] for m in METHODS)),
-                    (
-                        "trainable / total params",
-                        *(
-                            f"{trains[m]['trainable_params']:,} / {trains[m]['total_params']:,}"
-                            for m in METHODS
-                        ),
+                ),
+                ("device", *(trains[m]["device"] for m in METHODS)),
+                (
+                    "trainable / total params",
+                    *(
+                        f"{trains[m]['trainable_params']:,} / {trains[m]['total_params']:,}"
+                        for m in METHODS
                     ),
-                    (
-                        "base footprint in training (MB)",
-                        *(_fmt(trains[m]["base_footprint_bytes"] / mb, 2) for m in METHODS),
+                ),
+                (
+                    "base footprint in training (MB)",
+                    *(_fmt(trains[m]["base_footprint_bytes"] / mb, 2) for m in METHODS),
+                ),
+                (
+                    "model footprint at eval (MB)",
+                    *(_fmt(evals[m]["footprint_bytes"] / mb, 2) for m in METHODS),
+                ),
+                (
+                    "peak memory in training (MB)",
+                    *(
+                        _fmt(trains[m].get("peak_cuda_allocated_mb", trains[m]["peak_rss_mb"]), 0)
+                        + (" CUDA" if "peak_cuda_allocated_mb" in trains[m] else " RSS")
+                        for m in METHODS
                     ),
-                    (
-                        "model footprint at eval (MB)",
-                        *(_fmt(evals[m]["footprint_bytes"] / mb, 2) for m in METHODS),
-                    ),
-                    (
-                        "peak memory in training (MB)",
-                        *(
-                            _fmt(
-                                trains[m].get("peak_cuda_allocated_mb", trains[m]["peak_rss_mb"]), 0
-                            )
-                            + (" CUDA" if "peak_cuda_allocated_mb" in trains[m] else " RSS")
-                            for m in METHODS
-                        ),
-                    ),
-                    ("tokens/s", *(_fmt(trains[m]["tokens_per_s"], 0) for m in METHODS)),
-                    ("training time (s)", *(_fmt(trains[m]["train_s"], 1) for m in METHODS)),
-                    (
-                        "steps; first → final loss",
-                        *(
-                            f"{trains[m]['steps']}; {_fmt(trains[m]['first_loss'])} → {_fmt(trains[m]['final_loss'])}"
-                            for m in METHODS
-                        ),
+                ),
+                ("tokens/s", *(_fmt(trains[m]["tokens_per_s"], 0) for m in METHODS)),
+                ("training time (s)", *(_fmt(trains[m]["train_s"], 1) for m in METHODS)),
+                ("train step wall time (s)", *(_fmt(trains[m]["wall_s"], 1) for m in METHODS)),
+                (
+                    "steps; first → final loss",
+                    *(
+                        f"{trains[m]['steps']}; {_fmt(trains[m]['first_loss'])} → "
+                        f"{_fmt(trains[m]['final_loss'])}"
+                        for m in METHODS
                     ),
                 ),
             ),
-            Block(
-                "p",
-                f"Base model footprint: {_fmt(evals['base']['footprint_bytes'] / mb, 2)} MB "
-                f"({cfg.methods['lora'].base_dtype}). Peak RSS is the whole process, so on a tiny "
-                "model it is dominated by the libraries, not the weights. Paged optimizers page "
-                "only on CUDA; on CPU bitsandbytes runs them as plain AdamW.",
+        ),
+        Block(
+            "p",
+            f"Base model footprint: {_fmt(evals['base']['footprint_bytes'] / mb, 2)} MB "
+            f"({cfg.methods['lora'].base_dtype}). Peak RSS is the whole process, so on a tiny "
+            "model it is dominated by the libraries, not the weights. Paged optimizers page "
+            "only on CUDA; on CPU bitsandbytes runs them as plain AdamW.",
+        ),
+        Block("img", "loss_curves.png"),
+        Block("h2", "Settings that differ between the two runs"),
+        Block(
+            "table",
+            headers=("key (methods.*)", "QLoRA", "LoRA"),
+            rows=tuple(config_diff(cfg.methods["qlora"], cfg.methods["lora"])),
+        ),
+        Block(
+            "p",
+            "Everything else is shared: data, seed, data order, LoRA settings (train.lora), "
+            "schedule and evaluation.",
+        ),
+        Block("h2", "Lineage"),
+        Block(
+            "table",
+            headers=("what", "value"),
+            rows=(
+                ("git commit", git_commit(Path.cwd())),
+                (
+                    "data",
+                    f"{manifest['source']['name']} ({manifest['format']}, template "
+                    f"{manifest['template']}); prepared data key {manifest['cache_key'][:16]}…",
+                ),
+                *(
+                    (f"adapter {m}", f"sha256 {sha256_dir(adapters_dir / m)[:16]}…")
+                    for m in METHODS
+                ),
+                ("accepted run compared with", accepted_from),
+                ("seed", str(cfg.seed)),
+                ("libraries", ", ".join(f"{k} {v}" for k, v in library_versions().items())),
             ),
-            Block("img", "loss_curves.png"),
-        ]
-        lineage_rows = [
-            ("git commit", git_commit(Path.cwd())),
-            (
-                "data",
-                f"{manifest['source']['name']} ({manifest['format']}, template "
-                f"{manifest['template']}); prepared data key {manifest['cache_key'][:16]}…",
-            ),
-            *((f"adapter {m}", f"sha256 {sha256_dir(adapters_dir / m)[:16]}…") for m in METHODS),
-            ("seed", str(cfg.seed)),
-            ("libraries", ", ".join(f"{k} {v}" for k, v in library_versions().items())),
-        ]
-        blocks += [
-            Block("h2", "Lineage"),
-            Block("table", headers=("what", "value"), rows=tuple(lineage_rows)),
-            Block(
-                "p",
-                "dvc.lock records the exact hashes of data, params and adapters behind this report.",
-            ),
-        ]
-        metrics = {
-            "tasks": metrics_tasks,
-            "verdict": verdict,
-            "footprint_mb": {m: evals[m]["footprint_bytes"] / mb for m in MODELS},
-            "tokens_per_s": {m: trains[m]["tokens_per_s"] for m in METHODS},
-            "train_s": {m: trains[m]["train_s"] for m in METHODS},
-            "peak_rss_mb": {m: trains[m]["peak_rss_mb"] for m in METHODS},
-        }
+        ),
+        Block(
+            "p",
+            "dvc.lock records the exact hashes of data, params and adapters behind this report.",
+        ),
+    ]
+    metrics = {
+        "tasks": tasks,
+        "verdict": verdict,
+        "reasons": reasons,
+        "gate": dataclasses.asdict(g),
+        "footprint_mb": {m: evals[m]["footprint_bytes"] / mb for m in MODELS},
+        "tokens_per_s": {m: trains[m]["tokens_per_s"] for m in METHODS},
+        "train_s": {m: trains[m]["train_s"] for m in METHODS},
+        "peak_rss_mb": {m: trains[m]["peak_rss_mb"] for m in METHODS},
+        "optimizer": {m: trains[m]["optimizer"] for m in METHODS},
+    }
+    with atomic_dir(out_dir) as tmp:
+        curves = {m: _read_curve(adapters_dir / m / "loss.csv") for m in METHODS}
+        plots.loss_curves(curves, tmp / "loss_curves.png")
+        plots.scores(
+            {t: {m: (v[m], v[f"{m}_stderr"] or 0.0) for m in MODELS} for t, v in tasks.items()},
+            tmp / "scores.png",
+        )
+        plots.gap_bars(
+            {t: (v["gap"], v["gap_ci_low"], v["gap_ci_high"]) for t, v in tasks.items()},
+            tmp / "gap.png",
+        )
+        atomic_write_text(tmp / "scores.csv", scores_csv(tasks))
         atomic_write_text(tmp / "report.md", to_markdown(blocks))
         atomic_write_text(tmp / "report.html", to_html(blocks, cfg.report.title, tmp))
         write_json(tmp / "metrics.json", metrics)
-    log.info("report: %s -> %s", verdict, out_dir / "report.md")
+    log.info("report: quality gate %s -> %s", verdict, out_dir / "report.md")
+    for reason in reasons:
+        log.warning("report: gate: %s", reason)
     return metrics
+
+
+def scores_csv(tasks: dict[str, dict[str, Any]]) -> str:
+    """Plot data for `dvc plots show`: one row per task and model."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["task", "model", "score", "ci_low", "ci_high"])
+    for task, t in tasks.items():
+        for m in MODELS:
+            half = 1.96 * (t[f"{m}_stderr"] or 0.0)
+            writer.writerow([task, m, t[m], t[m] - half, t[m] + half])
+    return buf.getvalue()

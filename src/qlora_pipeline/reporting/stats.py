@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -41,3 +43,25 @@ def paired_bootstrap(
         "iters": iters,
     }
     return out
+
+
+def is_binary(scores: np.ndarray) -> bool:
+    """Accuracy-type per-sample scores: every value is 0 or 1."""
+    return bool(np.isin(scores, (0.0, 1.0)).all())
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> dict[str, float | int]:
+    """Exact McNemar test on paired 0/1 outcomes of two models on the same items.
+
+    Only discordant items count: `a_only` (a right, b wrong) and `b_only` (b right, a wrong).
+    Under the null hypothesis that both are equally accurate, a_only ~ Binomial(a_only + b_only,
+    1/2); the p-value is the two-sided exact binomial tail, min(1, 2 * P[X <= min(a_only, b_only)]).
+    """
+    if len(a) != len(b) or not (is_binary(a) and is_binary(b)):
+        raise ValueError("McNemar needs paired 0/1 scores of equal length")
+    a_only = int(((a == 1) & (b == 0)).sum())
+    b_only = int(((a == 0) & (b == 1)).sum())
+    n = a_only + b_only
+    k = min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": min(1.0, 2 * tail)}

@@ -1,0 +1,50 @@
+"""Task resolution for lm-eval: our YAML tasks, standard harness tasks by name, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.evaluation.evaluate import DEFAULT_TASKS_DIR, resolve_tasks
+
+
+@pytest.fixture(scope="module")
+def manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(DEFAULT_TASKS_DIR))
+
+
+def test_our_tasks_read_the_prepared_split_with_both_output_types(manager, tmp_path):
+    test_jsonl = tmp_path / "test.jsonl"
+    gen, ll = resolve_tasks(
+        ["qlora_synthetic_qa", "qlora_answer_ll"], DEFAULT_TASKS_DIR, test_jsonl, 7, manager
+    )
+    for spec in (gen, ll):
+        assert spec["dataset_kwargs"] == {"data_files": {"test": str(test_jsonl.resolve())}}
+    assert gen["output_type"] == "generate_until" and gen["generation_kwargs"]["max_gen_toks"] == 7
+    assert ll["output_type"] == "loglikelihood" and "generation_kwargs" not in ll
+    assert ll["doc_to_target"] == "{{target}}"
+
+
+def test_unknown_task_names_the_key_and_what_exists(manager, tmp_path):
+    with pytest.raises(
+        PipelineError,
+        match=r"config key 'eval.tasks': unknown task 'qlora_nope'; not in .*'qlora_answer_ll', 'qlora_synthetic_qa'",
+    ):
+        resolve_tasks(["qlora_nope"], DEFAULT_TASKS_DIR, tmp_path / "t.jsonl", 8, manager)
+
+
+def test_standard_task_offline_names_the_missing_datasets(manager, tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PipelineError) as err:
+        resolve_tasks(
+            ["arc_easy", "hellaswag"], DEFAULT_TASKS_DIR, tmp_path / "t.jsonl", 8, manager
+        )
+    message = str(err.value)
+    assert "allenai/ai2_arc (ARC-Easy)" in message and "hellaswag" in message
+    assert "not reachable and not in the local cache" in message and "\n" not in message
