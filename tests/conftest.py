@@ -53,7 +53,7 @@ def tiny_cfg(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("tiny")
     _, cfg = compose(ROOT, TINY)
-    for name in ("base", "data", "adapters", "eval", "report"):
+    for name in ("base", "data", "adapters", "checkpoints", "exports", "eval", "report"):
         setattr(cfg.paths, name, str(work / name))
     return cfg
 

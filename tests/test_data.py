@@ -311,7 +311,7 @@ def test_packed_dataset_trains_through_the_trainer_collator(tmp_path, tiny_token
     train = load_from_disk(str(tmp_path / "out/dataset"))["train"]
     assert m["packing"]["rows"] == len(train) < m["packing"]["examples"] == 20
     assert m["packing"]["padding_waste_packed"] < m["packing"]["padding_waste_unpacked"]
-    batch = collator(train.column_names, tiny_tokenizer)([train[0], train[1]])
+    batch = collator(tiny_tokenizer)([train[0], train[1]])
     assert set(batch) == {"input_ids", "labels", "position_ids"}
 
 

@@ -18,8 +18,10 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
   qlora-pipeline compose [OVERRIDES...] only write params.yaml (--check: fail if it is out of date)
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
-  bootstrap | prepare | train {qlora,lora} | evaluate {base,qlora,lora} | report
+  bootstrap | prepare | train {qlora,lora} | export {qlora,lora} | evaluate {base,qlora,lora}
+  | report
   qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
+  qlora-pipeline plan [--model ID] ...  training memory estimate per method; does it fit the GPU?
 
 Overrides use Hydra syntax, e.g.  train.max_steps=200  data=local data.path=data/raw/my.jsonl
   model=llama-3.2-1b  'methods.qlora.quantization.quant_type=fp4'  train.lora.r=8
@@ -55,9 +57,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     tr = sub.add_parser("train", help="fine-tune LoRA adapters with one method")
     tr.add_argument("method", choices=["qlora", "lora"])
+    ex = sub.add_parser(
+        "export", help="merge one method's adapter into the bf16 base, verify, save safetensors"
+    )
+    ex.add_argument("method", choices=["qlora", "lora"])
     ev = sub.add_parser("evaluate", help="run lm-eval on one model")
     ev.add_argument("model", choices=["base", "qlora", "lora"])
     sub.add_parser("report", help="write the quality-gap report")
+    pl = sub.add_parser(
+        "plan",
+        help="estimate training memory per method and whether it fits a GPU (nothing is loaded)",
+    )
+    pl.add_argument(
+        "--model",
+        help="a folder with config.json, a config.json, or a hub id (default: the configured base)",
+    )
+    pl.add_argument(
+        "--seq-len", type=int, default=2048, help="tokens per row (default %(default)s)"
+    )
+    pl.add_argument(
+        "--batch", type=int, default=1, help="rows per device step (default %(default)s)"
+    )
+    pl.add_argument(
+        "--gpu-gb", type=float, default=80, help="GPU memory in GB (default %(default)s)"
+    )
+    pl.add_argument("--r", type=int, help="LoRA rank (default: train.lora.r)")
+    pl.add_argument(
+        "--optimizer",
+        choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"],
+        help="default: the configured one",
+    )
     sub.add_parser(
         "gate",
         help="print the report's quality-gate verdict; exit 1 on FAIL (for CI and schedules)",
@@ -85,6 +114,11 @@ def _stage(args: argparse.Namespace) -> None:
         from qlora_pipeline.training.train import train
 
         train(cfg, args.method, p.base, p.data, Path(p.adapters) / args.method)
+    elif args.command == "export":
+        from qlora_pipeline.modeling.export import export
+
+        adapter = Path(p.adapters) / args.method
+        export(cfg, args.method, p.base, adapter, p.data, Path(p.exports) / args.method)
     elif args.command == "evaluate":
         from qlora_pipeline.evaluation.evaluate import evaluate
 
@@ -92,7 +126,7 @@ def _stage(args: argparse.Namespace) -> None:
     elif args.command == "report":
         from qlora_pipeline.reporting.report import build_report
 
-        build_report(cfg, p.data, p.adapters, p.eval, p.report)
+        build_report(cfg, p.data, p.adapters, p.eval, p.report, p.exports)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +162,22 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             write_params(root, args.overrides)
             log.info("wrote %s", root / "params.yaml")
+            return 0
+        if args.command == "plan":
+            from qlora_pipeline.config.schema import load_params
+            from qlora_pipeline.modeling.plan import load_model_config, plan_table
+
+            cfg = load_params(args.params)
+            config, source = load_model_config(args.model, cfg)
+            table, _ = plan_table(
+                config,
+                args.seq_len,
+                args.batch,
+                args.gpu_gb,
+                args.r or cfg.train.lora.r,
+                args.optimizer or cfg.methods["qlora"].optimizer,
+            )
+            print(f"{source}: seq_len {args.seq_len}, batch {args.batch}\n{table}")
             return 0
         if args.command == "gate":
             from qlora_pipeline.config.schema import load_params

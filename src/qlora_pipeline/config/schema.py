@@ -95,6 +95,8 @@ class QuantizationConfig:
     quant_type: str = "nf4"
     double_quant: bool = True
     compute_dtype: str = "bfloat16"
+    quant_storage: str = "uint8"
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
 
 
 @dataclass
@@ -111,6 +113,9 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
 
 
 @dataclass
@@ -123,7 +128,12 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    save_steps: int | None = None
+    keep_checkpoints: int = 2
+    report_to: list[str] = field(default_factory=list)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -160,6 +170,8 @@ class PathsConfig:
     base: str = "models/base"
     data: str = "data/prepared"
     adapters: str = "models/adapters"
+    checkpoints: str = "models/checkpoints"
+    exports: str = "models/export"
     eval: str = "results/eval"
     report: str = "reports"
 
@@ -265,6 +277,11 @@ def _validate_values(cfg: PipelineConfig) -> None:
             q = method.quantization
             _one_of(q.quant_type, ("nf4", "fp4"), f"methods.{name}.quantization.quant_type")
             _one_of(q.compute_dtype, DTYPES, f"methods.{name}.quantization.compute_dtype")
+            _one_of(
+                q.quant_storage,
+                ("uint8", *DTYPES),
+                f"methods.{name}.quantization.quant_storage",
+            )
     _check(cfg.methods["qlora"].quantization is not None, "methods.qlora.quantization", "required")
 
     t = cfg.train
@@ -274,6 +291,19 @@ def _validate_values(cfg: PipelineConfig) -> None:
     _positive(t.lora.r, "train.lora.r")
     _positive(t.lora.alpha, "train.lora.alpha")
     _check(0 <= t.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
+    _one_of(t.lora.init, ("default", "gaussian", "loftq"), "train.lora.init")
+    _positive(t.keep_checkpoints, "train.keep_checkpoints")
+    for name in ("eval_steps", "save_steps"):
+        value = getattr(t, name)
+        _check(value is None or value > 0, f"train.{name}", "must be > 0 or null")
+    _check(
+        t.save_steps is None or t.save_steps % t.logging_steps == 0,
+        "train.save_steps",
+        "must be a multiple of train.logging_steps (a NaN loss is caught at logging steps, "
+        "before a checkpoint can save it)",
+    )
+    for name in t.report_to:
+        _one_of(name, ("tensorboard", "mlflow", "wandb"), "train.report_to")
     tm = t.lora.target_modules
     _check(
         tm == "all-linear"

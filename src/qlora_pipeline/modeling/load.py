@@ -14,10 +14,22 @@ from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import read_json
 
 
+def fsdp_active() -> bool:
+    """True inside `accelerate launch` with an FSDP config."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return {
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+        "float32": torch.float32,
+        "uint8": torch.uint8,
+    }[name]
 
 
 def base_source(base_dir: str | Path) -> tuple[str, str | None]:
@@ -45,7 +57,8 @@ def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False) -> Any
 
 
 def bnb_config(q: QuantizationConfig) -> Any:
-    """The QLoRA quantization: 4-bit weights (NF4 by default), optional double quantization."""
+    """The QLoRA quantization: 4-bit weights (NF4 by default), optional double quantization,
+    the storage dtype of the packed weights (bfloat16 for FSDP), and modules left unquantized."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -53,6 +66,8 @@ def bnb_config(q: QuantizationConfig) -> Any:
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
+        llm_int8_skip_modules=list(q.skip_modules) or None,
     )
 
 
@@ -70,37 +85,91 @@ def load_base(base_dir: str | Path, method: MethodConfig, trust_remote_code: boo
     }
     if method.quantization is not None:
         kwargs["quantization_config"] = bnb_config(method.quantization)
-        kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
+        if fsdp_active():  # FSDP places the shards; every tensor must have the storage dtype
+            kwargs["dtype"] = torch_dtype(method.quantization.quant_storage)
+        else:
+            kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
     model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if method.quantization is None and torch.cuda.is_available():
         model = model.to("cuda")
     return model
 
 
-def attach_lora(model: Any, lora: LoraConfig, method: MethodConfig, seed: int) -> Any:
+def linear_names(model: Any) -> list[str]:
+    """Leaf names of the linear layers LoRA can target (bitsandbytes 4-bit ones included)."""
+    import torch
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name
+    }
+    return sorted(names)
+
+
+def attach_lora(
+    model: Any,
+    lora: LoraConfig,
+    method: MethodConfig,
+    seed: int,
+    gradient_checkpointing: bool = False,
+    base_path: str | None = None,
+) -> Any:
     """Wrap `model` with trainable LoRA adapters; k-bit preparation for a quantized base.
 
     The seed is set right before `get_peft_model`, so both methods start from the same adapter init.
+    `lora.init=loftq` (quantized methods only) then re-initializes the adapters with peft's LoftQ
+    from the full-precision weights in `base_path`, so they start by absorbing the quantization
+    error.
     """
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if method.quantization is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     target = lora.target_modules
+    if target != "all-linear":
+        unknown = sorted(set(target) - set(linear_names(model)))
+        if unknown:
+            raise PipelineError(
+                f"config key 'train.lora.target_modules': no linear layer named {unknown}; "
+                f"the model has {linear_names(model)}"
+            )
+    if lora.init == "loftq" and method.quantization is None:
+        raise PipelineError(
+            "config key 'train.lora.init': loftq needs a quantized base (methods.*.quantization)"
+        )
+    if lora.init == "loftq" and not torch.cuda.is_available():
+        raise PipelineError("config key 'train.lora.init': peft's LoftQ runs on CUDA only")
+    gc_kwargs = {"use_reentrant": False}
+    if method.quantization is not None and not fsdp_active():  # FSDP: no fp32 upcast (one dtype)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=gc_kwargs,
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target if target == "all-linear" else list(target),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights="gaussian" if lora.init == "gaussian" else True,
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as e:
         raise PipelineError(f"config key 'train.lora.target_modules': {e}") from None
+    if lora.init == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        replace_lora_weights_loftq(peft_model, model_path=base_path)
+    return peft_model
 
 
 def load_adapted(

@@ -165,6 +165,55 @@ def task_figures(
     return figures
 
 
+def _lora_text(lora: dict | None) -> str:
+    if not lora:
+        return "n/a"
+    extras = [name for key, name in (("use_rslora", "rsLoRA"), ("use_dora", "DoRA")) if lora[key]]
+    if lora["init"] != "default":
+        extras.append(f"init {lora['init']}")
+    return f"r={lora['r']}, alpha={lora['alpha']}" + "".join(f", {x}" for x in extras)
+
+
+def export_blocks(exports_dir: Path | None) -> list[Block]:
+    """The merged-export section: parity of the merged model and drift from what was trained."""
+    found = {
+        m: read_json(exports_dir / m / "export.json")
+        for m in METHODS
+        if exports_dir is not None and (exports_dir / m / "export.json").is_file()
+    }
+    if not found:
+        return []
+
+    def cells(figures: dict | None) -> str:
+        if figures is None:
+            return "—"
+        return f"{figures['max_abs_over_max_logit']:.4f} / {figures['top1_agreement']:.3f}"
+
+    rows = [
+        ("merged vs base + adapter (unmerged, bf16)", "merged_vs_unmerged"),
+        ("merged vs the model as trained and evaluated", "merged_vs_as_trained"),
+        ("adapter on the original bf16 base vs as trained", "bf16_base_plus_adapter_vs_as_trained"),
+    ]
+    tolerance = next(iter(found.values()))["tolerance"]
+    return [
+        Block("h2", "Merged export"),
+        Block(
+            "table",
+            headers=("logits: max |Δ| / max |logit|  /  top-1 agreement", *found),
+            rows=tuple((label, *(cells(found[m].get(key)) for m in found)) for label, key in rows),
+        ),
+        Block(
+            "p",
+            "`qlora-pipeline export` dequantizes the 4-bit base to bf16 (QLoRA), merges the adapter "
+            "and saves one safetensors model. Parity tolerance: max |Δ| ≤ "
+            f"{tolerance['max_abs_over_max_logit']} of the largest logit and top-1 agreement ≥ "
+            f"{tolerance['top1_agreement']}, on {next(iter(found.values()))['prompts']} test "
+            "prompts. The last row is the drift of moving a QLoRA adapter onto the original bf16 "
+            "weights instead of the dequantized ones it was trained against.",
+        ),
+    ]
+
+
 def _signed(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
 
@@ -175,6 +224,7 @@ def build_report(
     adapters_dir: str | Path,
     eval_dir: str | Path,
     out_dir: str | Path,
+    exports_dir: str | Path | None = None,
 ) -> dict:
     """Write report.md, report.html, metrics.json, the plots and their data (atomically).
 
@@ -304,6 +354,11 @@ def build_report(
                     ),
                 ),
                 ("device", *(trains[m]["device"] for m in METHODS)),
+                ("LoRA adapter", *(_lora_text(trains[m].get("lora")) for m in METHODS)),
+                (
+                    "gradient checkpointing",
+                    *("on" if trains[m].get("gradient_checkpointing") else "off" for m in METHODS),
+                ),
                 (
                     "trainable / total params",
                     *(
@@ -348,6 +403,7 @@ def build_report(
             "only on CUDA; on CPU bitsandbytes runs them as plain AdamW.",
         ),
         Block("img", "loss_curves.png"),
+        *export_blocks(Path(exports_dir) if exports_dir else None),
         Block("h2", "Settings that differ between the two runs"),
         Block(
             "table",

@@ -4,8 +4,9 @@ loaded (4-bit NF4 + double quant, or bf16) and which optimizer runs; everything 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import math
+import json
 import shutil
 import time
 from pathlib import Path
@@ -14,18 +15,9 @@ from typing import Any
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.data.pack import IGNORE_INDEX, PackedCollator
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_dir, atomic_write_text, write_json
-from qlora_pipeline.modeling.load import attach_lora, load_base, load_tokenizer
+from qlora_pipeline.io import atomic_dir, atomic_write_text, read_json, sha256_text, write_json
+from qlora_pipeline.modeling.load import attach_lora, base_source, load_base, load_tokenizer
 from qlora_pipeline.runtime import device_name, log, peak_memory_mb
-
-
-def collator(columns: list[str], tokenizer: Any) -> Any:
-    """Packed rows (with position_ids, see data/pack.py) or plain rows padded per batch."""
-    from transformers import DataCollatorForSeq2Seq
-
-    if "position_ids" in columns:
-        return PackedCollator(tokenizer.pad_token_id)
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
 
 def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) -> Any:
@@ -39,6 +31,7 @@ def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) 
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr,
         lr_scheduler_type=t.lr_scheduler,
@@ -46,30 +39,92 @@ def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) 
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=method.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=compute == "bfloat16",
         fp16=compute == "float16",
         use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=t.logging_steps,
-        save_strategy="no",
-        report_to=[],
+        logging_nan_inf_filter=False,  # a NaN loss must reach the log, where it stops training
+        eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=None,  # rotation is ours, after the atomic rename (checkpoints.py)
+        report_to=list(t.report_to) or "none",
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
     )
 
 
-def loss_csv(log_history: list[dict]) -> str:
-    """The loss curve as CSV (step, loss, learning_rate, grad_norm) for DVC plots and the report."""
+def collator(tokenizer: Any) -> Any:
+    """Packed rows (with position_ids, see data/pack.py) or plain rows, padded per batch."""
+    from transformers import DataCollatorForSeq2Seq
+
+    plain = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    packed = PackedCollator(tokenizer.pad_token_id)
+
+    def collate(rows: list[dict[str, Any]]) -> Any:
+        return packed(rows) if "position_ids" in rows[0] else plain(rows)
+
+    return collate
+
+
+def loss_csv(steps: list[dict[str, Any]]) -> str:
+    """The training curve as CSV for DVC plots and the report."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["step", "loss", "learning_rate", "grad_norm"])
-    for entry in log_history:
-        if "loss" in entry:
-            writer.writerow(
-                [entry["step"], entry["loss"], entry.get("learning_rate"), entry.get("grad_norm")]
-            )
+    columns = ["step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb"]
+    writer.writerow(columns)
+    for row in steps:
+        if "loss" in row:
+            writer.writerow([row.get(c) for c in columns])
     return buf.getvalue()
+
+
+def keep_training_kernels(model: Any) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel when an eval
+    runs mid-training. The repacked weights stay packed and the training forward then rounds
+    differently, so a run with an eval before step N and a run resumed at step N would diverge."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def run_fingerprint(cfg: PipelineConfig, method_name: str, data_dir: Path) -> str:
+    """What a checkpoint belongs to: checkpoints of another config or data are not resumed."""
+    manifest = read_json(data_dir / "manifest.json")
+    return sha256_text(
+        json.dumps(
+            {
+                "model": dataclasses.asdict(cfg.model),
+                "data": manifest["cache_key"],
+                "method": dataclasses.asdict(cfg.methods[method_name]),
+                "train": dataclasses.asdict(cfg.train),
+                "seed": cfg.seed,
+            },
+            sort_keys=True,
+        )
+    )
+
+
+def checkpoint_folder(cfg: PipelineConfig, method_name: str, data_dir: Path, folder: Path) -> Path:
+    """`folder`, emptied if it holds checkpoints of another run, with this run's fingerprint."""
+    fingerprint = run_fingerprint(cfg, method_name, data_dir)
+    run_file = folder / "run.json"
+    if folder.exists() and (
+        not run_file.is_file() or read_json(run_file).get("fingerprint") != fingerprint
+    ):
+        log.warning(
+            "train[%s]: %s holds another run's checkpoints; starting over", method_name, folder
+        )
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(run_file, {"method": method_name, "fingerprint": fingerprint})
+    return folder
 
 
 def train(
@@ -78,37 +133,61 @@ def train(
     base_dir: str | Path,
     data_dir: str | Path,
     out_dir: str | Path,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict:
     """Fine-tune LoRA adapters on the prepared train split with `cfg.methods[method_name]`.
+
+    Checkpoints go to `checkpoint_dir` (default `paths.checkpoints/<method>`) every
+    `train.save_steps`; running again after a crash resumes from the newest one and reaches the same
+    adapter. They are deleted once the adapter is written.
 
     Args:
         cfg: the validated pipeline config.
         method_name: a key of `cfg.methods` (qlora or lora).
         base_dir: the bootstrap output (model folder or pointer).
         data_dir: the prepare output.
-        out_dir: gets the adapter (safetensors), `train_metrics.json` and `loss.csv`, atomically.
+        out_dir: gets the adapter (safetensors), `train_metrics.json`, `steps.jsonl` and
+            `loss.csv`, atomically.
+        checkpoint_dir: where checkpoints live while training.
 
     Returns:
         The training metrics written to `train_metrics.json`.
     """
     import torch
     from datasets import load_from_disk
-    from transformers import Trainer
+
+    from qlora_pipeline.training.checkpoints import (
+        CheckpointingTrainer,
+        NonFiniteLoss,
+        StepLog,
+        checkpoints,
+        read_steps,
+    )
 
     if method_name not in cfg.methods:
         raise PipelineError(f"unknown method '{method_name}'; configured: {sorted(cfg.methods)}")
-    method = cfg.methods[method_name]
-    dataset_dir = Path(data_dir) / "dataset"
+    method, t = cfg.methods[method_name], cfg.train
+    data_dir = Path(data_dir)
+    dataset_dir = data_dir / "dataset"
     if not dataset_dir.is_dir():
         raise PipelineError(f"{dataset_dir}: not found; run the prepare stage first")
+    folder = checkpoint_folder(
+        cfg,
+        method_name,
+        data_dir,
+        Path(checkpoint_dir or Path(cfg.paths.checkpoints) / method_name),
+    )
     trust = cfg.model.trust_remote_code
     tokenizer = load_tokenizer(base_dir, trust)
     t0 = time.perf_counter()
     model = load_base(base_dir, method, trust)
     base_footprint = model.get_memory_footprint()
-    model = attach_lora(model, cfg.train.lora, method, cfg.seed)
+    model = attach_lora(
+        model, t.lora, method, cfg.seed, t.gradient_checkpointing, base_source(base_dir)[0]
+    )
     trainable, total = model.get_nb_trainable_parameters()
-    train_set = load_from_disk(str(dataset_dir))["train"]
+    keep_training_kernels(model)
+    splits = load_from_disk(str(dataset_dir))
 
     paging = method.optimizer.startswith("paged") and torch.cuda.is_available()
     if method.optimizer.startswith("paged") and not paging:
@@ -119,64 +198,80 @@ def train(
             method.optimizer,
         )
     quant = method.quantization
+    resume = checkpoints(folder)[-1] if t.save_steps and checkpoints(folder) else None
     log.info(
-        "train[%s]: base %s, %d trainable / %d params, %d steps x batch %d on %s",
+        "train[%s]: base %s, %d trainable / %d params, %d steps x batch %d on %s%s",
         method_name,
         f"4-bit {quant.quant_type}{' + double quant' if quant.double_quant else ''}"
         if quant
         else method.base_dtype,
         trainable,
         total,
-        cfg.train.max_steps,
-        cfg.train.batch_size,
+        t.max_steps,
+        t.batch_size,
         device_name(),
+        f"; resuming from {resume}" if resume else "",
     )
+    steps_path = folder / "steps.jsonl"
+    if resume is None:
+        steps_path.unlink(missing_ok=True)
+    trainer = CheckpointingTrainer(
+        model=model,
+        args=training_arguments(cfg, method_name, folder),
+        train_dataset=splits["train"],
+        eval_dataset=splits["val"].select_columns(["input_ids", "attention_mask", "labels"])
+        if t.eval_steps
+        else None,
+        data_collator=collator(tokenizer),
+        processing_class=tokenizer,  # counts non-padding tokens when rows are packed
+        callbacks=[StepLog(steps_path)],
+        keep_checkpoints=t.keep_checkpoints,
+    )
+    t_train = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except NonFiniteLoss as e:
+        kept = checkpoints(folder)
+        raise PipelineError(
+            f"train[{method_name}]: {e}; stopped. "
+            + (f"Last good checkpoint kept: {kept[-1]}" if kept else "No checkpoint yet")
+            + "; lower train.lr or train.max_grad_norm"
+        ) from None
+    train_s = time.perf_counter() - t_train
+    steps = read_steps(steps_path)
+    losses = [r["loss"] for r in steps if "loss" in r]
+    evals = [r["eval_loss"] for r in steps if "eval_loss" in r]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    metrics = {
+        "method": method_name,
+        "base_dtype": method.base_dtype,
+        "quantization": None if quant is None else dataclasses.asdict(quant),
+        "lora": dataclasses.asdict(t.lora),
+        "optimizer": method.optimizer,
+        "optimizer_paging": paging,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "device": device_name(),
+        "steps": int(trainer.state.global_step),
+        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "base_footprint_bytes": int(base_footprint),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_eval_loss": evals[-1] if evals else None,
+        "train_loss": result.training_loss,
+        "tokens": tokens,
+        "tokens_per_s": tokens / train_s,
+        "train_s": train_s,
+        "wall_s": time.perf_counter() - t0,
+        **peak_memory_mb(),
+    }
     with atomic_dir(out_dir) as tmp:
-        trainer = Trainer(
-            model=model,
-            args=training_arguments(cfg, method_name, tmp / "_trainer"),
-            train_dataset=train_set,
-            data_collator=collator(train_set.column_names, tokenizer),
-            processing_class=tokenizer,  # counts non-padding tokens when rows are packed
-        )
-        t_train = time.perf_counter()
-        result = trainer.train()
-        train_s = time.perf_counter() - t_train
-        shutil.rmtree(tmp / "_trainer", ignore_errors=True)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        history = trainer.state.log_history
-        losses = [e["loss"] for e in history if "loss" in e]
-        tokens = int(trainer.state.num_input_tokens_seen)
-        metrics = {
-            "method": method_name,
-            "base_dtype": method.base_dtype,
-            "quantization": None
-            if quant is None
-            else {
-                "quant_type": quant.quant_type,
-                "double_quant": quant.double_quant,
-                "compute_dtype": quant.compute_dtype,
-            },
-            "optimizer": method.optimizer,
-            "optimizer_paging": paging,
-            "device": device_name(),
-            "steps": int(trainer.state.global_step),
-            "trainable_params": int(trainable),
-            "total_params": int(total),
-            "base_footprint_bytes": int(base_footprint),
-            "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            "train_loss": result.training_loss,
-            "tokens": tokens,
-            "tokens_per_s": tokens / train_s,
-            "train_s": train_s,
-            "wall_s": time.perf_counter() - t0,
-            **peak_memory_mb(),
-        }
-        if not losses or not all(math.isfinite(x) for x in losses):
-            raise PipelineError(f"train[{method_name}]: loss is NaN or inf; lower train.lr")
-        atomic_write_text(tmp / "loss.csv", loss_csv(history))
+        shutil.copyfile(steps_path, tmp / "steps.jsonl")
+        atomic_write_text(tmp / "loss.csv", loss_csv(steps))
         write_json(tmp / "train_metrics.json", metrics)
+    shutil.rmtree(folder, ignore_errors=True)  # the adapter is the output now
     log.info(
         "train[%s]: loss %.3f -> %.3f, %.0f tokens/s, peak RSS %.0f MB -> %s",
         method_name,
