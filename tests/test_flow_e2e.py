@@ -64,6 +64,7 @@ def test_report_names_both_methods_and_fine_tuning_beats_base(project):
     report = (project / "reports/report.md").read_text()
     assert "QLoRA" in report and "LoRA" in report and "paged_adamw_32bit" in report
     assert "McNemar p" in report and "no accepted run yet" in report
+    assert "QLoRA merged (bf16)" in report and "## Merged export" in report
     html = (project / "reports/report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     metrics = json.loads((project / "reports/metrics.json").read_text())
@@ -73,6 +74,7 @@ def test_report_names_both_methods_and_fine_tuning_beats_base(project):
         assert task["lora"] > task["base"] + 0.3, name
         assert task["gap_ci_low"] <= task["gap"] <= task["gap_ci_high"]
         assert 0 <= task["mcnemar"]["p_value"] <= 1 and task["qlora_vs_accepted"] is None
+        assert abs(task["merged_minus_qlora"]) <= 0.1, name  # the merged export keeps the score
     assert metrics["verdict"] in ("PASS", "FAIL") and metrics["optimizer"]["qlora"]
     rows = (project / "reports/scores.csv").read_text().splitlines()
     assert rows[0] == "task,model,score,ci_low,ci_high" and len(rows) == 1 + 2 * 3

@@ -18,8 +18,10 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
   qlora-pipeline compose [OVERRIDES...] only write params.yaml (--check: fail if it is out of date)
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
-  bootstrap | prepare | train {qlora,lora} | export {qlora,lora} | evaluate {base,qlora,lora}
-  | report
+  bootstrap | prepare | train {qlora,lora} | export {qlora,lora}
+  evaluate {base,qlora,lora,merged} | report
+
+Checks and planning:
   qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
   qlora-pipeline plan [--model ID] ...  training memory estimate per method; does it fit the GPU?
 
@@ -62,7 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("method", choices=["qlora", "lora"])
     ev = sub.add_parser("evaluate", help="run lm-eval on one model")
-    ev.add_argument("model", choices=["base", "qlora", "lora"])
+    ev.add_argument(
+        "model",
+        choices=["base", "qlora", "lora", "merged"],
+        help="merged: the QLoRA adapter merged into the bf16 base (the export stage's output)",
+    )
     sub.add_parser("report", help="write the quality-gap report")
     pl = sub.add_parser(
         "plan",
@@ -122,7 +128,7 @@ def _stage(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         from qlora_pipeline.evaluation.evaluate import evaluate
 
-        evaluate(cfg, args.model, p.base, p.data, p.adapters, Path(p.eval) / args.model)
+        evaluate(cfg, args.model, p.base, p.data, p.adapters, Path(p.eval) / args.model, p.exports)
     elif args.command == "report":
         from qlora_pipeline.reporting.report import build_report
 

@@ -15,11 +15,11 @@ import yaml
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.io import atomic_dir, write_json
-from qlora_pipeline.modeling.load import load_adapted, load_base, load_tokenizer
+from qlora_pipeline.modeling.load import load_adapted, load_base, load_tokenizer, torch_dtype
 from qlora_pipeline.runtime import device_name, log
 
 DEFAULT_TASKS_DIR = Path(__file__).parent / "tasks"
-MODELS = ("base", "qlora", "lora")
+MODELS = ("base", "qlora", "lora", "merged")  # merged: the QLoRA export (bf16, adapter merged)
 
 
 def tasks_dir(cfg: PipelineConfig) -> Path:
@@ -83,13 +83,25 @@ def resolve_tasks(
     return specs
 
 
-def load_for_eval(cfg: PipelineConfig, which: str, base_dir: Path, adapters_dir: Path) -> Any:
-    """base: the base in the LoRA arm's precision; qlora/lora: that arm's base + its saved adapter."""
+def load_for_eval(
+    cfg: PipelineConfig, which: str, base_dir: Path, adapters_dir: Path, exports_dir: Path
+) -> Any:
+    """base: the base in the LoRA arm's precision; qlora/lora: that arm's base + its saved adapter;
+    merged: the QLoRA export, a plain bf16 model with the adapter merged in."""
     trust = cfg.model.trust_remote_code
     if which == "base":
         model = load_base(base_dir, cfg.methods["lora"], trust)
         model.eval()
         return model
+    if which == "merged":
+        from transformers import AutoModelForCausalLM
+
+        path = exports_dir / "qlora"
+        if not (path / "model.safetensors").is_file():
+            raise PipelineError(f"{path}: no merged model here; run the export stage first")
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype(cfg.methods["lora"].base_dtype), use_safetensors=True
+        ).eval()
     return load_adapted(base_dir, cfg.methods[which], adapters_dir / which, trust)
 
 
@@ -122,12 +134,13 @@ def evaluate(
     data_dir: str | Path,
     adapters_dir: str | Path,
     out_dir: str | Path,
+    exports_dir: str | Path = "models/export",
 ) -> dict:
     """Run the configured lm-eval tasks on one model and save results and per-sample outputs.
 
     Args:
         cfg: the validated pipeline config.
-        which: base, qlora or lora.
+        which: base, qlora, lora, or merged (the QLoRA export).
         base_dir, data_dir, adapters_dir: outputs of the earlier stages.
         out_dir: gets `metrics.json`, `results.json` (harness output) and `samples_<task>.jsonl`.
 
@@ -149,7 +162,7 @@ def evaluate(
     manager = TaskManager(include_path=str(tdir))
     specs = resolve_tasks(cfg.eval.tasks, tdir, test_jsonl, cfg.eval.max_gen_toks, manager)
     tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-    model = load_for_eval(cfg, which, Path(base_dir), Path(adapters_dir))
+    model = load_for_eval(cfg, which, Path(base_dir), Path(adapters_dir), Path(exports_dir))
     footprint = int(model.get_memory_footprint())
     log.info(
         "evaluate[%s]: %s on %s (footprint %.2f MB)",

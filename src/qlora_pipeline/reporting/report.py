@@ -246,6 +246,9 @@ def build_report(
         trains[m] = read_json(path)
     manifest = read_json(data_dir / "manifest.json")
     accepted, accepted_from = accepted_metrics(cfg.report.accepted_rev, out_dir / "metrics.json")
+    merged_path = eval_dir / "merged" / "metrics.json"  # the QLoRA export, evaluated (optional)
+    merged = read_json(merged_path) if merged_path.is_file() else None
+    merged_head = ("QLoRA merged (bf16)",) if merged is not None else ()
 
     tasks: dict[str, dict[str, Any]] = {}
     for task in cfg.eval.tasks:
@@ -254,6 +257,13 @@ def build_report(
         scores = {m: per_sample_scores(eval_dir / m, task, metric) for m in MODELS}
         previous = (accepted or {}).get("tasks", {}).get(task)
         tasks[task] = task_figures(scores, res, cfg.seed, previous)
+        if merged is not None:
+            export_result = merged["tasks"][task]
+            tasks[task].update(
+                merged=export_result["value"],
+                merged_stderr=export_result["stderr"],
+                merged_minus_qlora=export_result["value"] - tasks[task]["qlora"],
+            )
     verdict, reasons = gate.check(tasks, cfg.report.gate)
 
     g = cfg.report.gate
@@ -277,6 +287,7 @@ def build_report(
                 "base",
                 "QLoRA",
                 "LoRA",
+                *merged_head,
                 "QLoRA − LoRA [95% CI]",
                 "McNemar p",
                 "retention [95% CI]",
@@ -288,6 +299,11 @@ def build_report(
                     task,
                     f"{t['metric']} (n={t['n']})",
                     *(f"{t[m]:.3f} ± {_fmt(t[f'{m}_stderr'])}" for m in MODELS),
+                    *(
+                        (f"{t['merged']:.3f} ({t['merged_minus_qlora']:+.3f} vs QLoRA)",)
+                        if merged is not None
+                        else ()
+                    ),
                     f"{t['gap']:+.3f} [{t['gap_ci_low']:+.3f}, {t['gap_ci_high']:+.3f}]",
                     _fmt(t["mcnemar"]["p_value"]) if t["mcnemar"] else "n/a (not 0/1)",
                     f"{_fmt(t['retention'], 2)} [{_fmt(t['retention_ci_low'], 2)}, "
@@ -445,7 +461,10 @@ def build_report(
         "verdict": verdict,
         "reasons": reasons,
         "gate": dataclasses.asdict(g),
-        "footprint_mb": {m: evals[m]["footprint_bytes"] / mb for m in MODELS},
+        "footprint_mb": {
+            m: e["footprint_bytes"] / mb
+            for m, e in {**evals, **({"merged": merged} if merged else {})}.items()
+        },
         "tokens_per_s": {m: trains[m]["tokens_per_s"] for m in METHODS},
         "train_s": {m: trains[m]["train_s"] for m in METHODS},
         "peak_rss_mb": {m: trains[m]["peak_rss_mb"] for m in METHODS},
