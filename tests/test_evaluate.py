@@ -48,3 +48,15 @@ def test_standard_task_offline_names_the_missing_datasets(manager, tmp_path, mon
     message = str(err.value)
     assert "allenai/ai2_arc (ARC-Easy)" in message and "hellaswag" in message
     assert "not reachable and not in the local cache" in message and "\n" not in message
+
+
+def test_text_data_with_prompt_tasks_is_a_clear_error(tiny_cfg, tmp_path):
+    from qlora_pipeline.evaluation.evaluate import evaluate
+
+    (tmp_path / "test.jsonl").write_text('{"text": "some raw text"}\n')
+    with pytest.raises(
+        PipelineError,
+        match=r"test\.jsonl: no prompt/answer rows \(data\.format=alpaca\), which qlora_synthetic_qa, qlora_answer_ll need",
+    ):
+        evaluate(tiny_cfg, "base", tmp_path, tmp_path, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -161,6 +161,14 @@ def evaluate(
     tdir = tasks_dir(cfg)
     manager = TaskManager(include_path=str(tdir))
     specs = resolve_tasks(cfg.eval.tasks, tdir, test_jsonl, cfg.eval.max_gen_toks, manager)
+    with open(test_jsonl, encoding="utf-8") as f:
+        first = json.loads(f.readline() or "{}")
+    ours = [s["task"] for s in specs if isinstance(s, dict) and s.get("dataset_path") == "json"]
+    if ours and "prompt" not in first:
+        raise PipelineError(
+            f"{test_jsonl}: no prompt/answer rows (data.format={cfg.data.format}), which "
+            f"{', '.join(ours)} need; set eval.tasks to tasks that fit this data"
+        )
     tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
     model = load_for_eval(cfg, which, Path(base_dir), Path(adapters_dir), Path(exports_dir))
     footprint = int(model.get_memory_footprint())
