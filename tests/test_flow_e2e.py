@@ -186,3 +186,19 @@ def test_enforced_gate_fails_the_run_and_compares_with_the_accepted_run(project)
     assert "reports/metrics.json at HEAD" in (project / "reports/report.md").read_text()
     gate = _run(project, "-m", "qlora_pipeline", "gate")
     assert gate.returncode == 1 and gate.stdout.startswith("quality gate: FAIL (")
+
+
+def test_dvc_exp_run_composes_conf_like_our_compose(project):
+    """`dvc exp run -S` composes params.yaml from conf/ itself (DVC's Hydra support), byte for byte
+    what `qlora-pipeline compose` writes; only the stage whose params changed reruns."""
+    from qlora_pipeline.tracking.dvc import compose
+
+    overrides = [*TINY, "report.title=Experiment B"]
+    proc = _run(project, "-m", "dvc", "exp", "run", *(a for o in overrides for a in ("-S", o)))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert (project / "params.yaml").read_text() == compose(project, overrides)[0]
+    assert re.findall(r"Running stage '([^']+)'", out) == ["report"]
+    assert (project / "reports/report.md").read_text().startswith("# Experiment B")
+    shown = _run(project, "-m", "dvc", "exp", "show", "--json")
+    assert "Experiment B" in shown.stdout
