@@ -6,13 +6,13 @@ tasks, retries, logs and publishes the report as a markdown artifact.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from qlora_pipeline.reporting.gate import read_verdict
 from qlora_pipeline.tracking.dvc import compose, repro, stage_order, write_params
 
 
@@ -65,8 +65,8 @@ def run(root: Path, overrides: list[str]) -> int:
     if state.is_failed():
         print(f"error: pipeline failed: {state.message}", file=sys.stderr)
         return 1
-    metrics = json.loads((root / cfg.paths.report / "metrics.json").read_text(encoding="utf-8"))
-    if metrics["verdict"] != "PASS" and cfg.report.gate.enforce:
-        print(f"error: quality gate FAIL: {'; '.join(metrics['reasons'])}", file=sys.stderr)
+    verdict, reasons = read_verdict(root / cfg.paths.report / "metrics.json")
+    if verdict != "PASS" and cfg.report.gate.enforce:
+        print(f"error: quality gate FAIL: {'; '.join(reasons)}", file=sys.stderr)
         return GATE_FAILED
     return 0

@@ -28,6 +28,15 @@ def groups(lengths: Sequence[int], length: int) -> list[list[int]]:
     return rows
 
 
+def flat_list(column: Any) -> tuple[Any, Any]:
+    """A `pyarrow` list column as numpy (offsets from 0, flat values), chunks and slices resolved."""
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = column.offsets.to_numpy()
+    return offsets - offsets[0], column.flatten().to_numpy()
+
+
 def pack(input_ids: Any, labels: Any, length: int) -> dict[str, Any]:
     """Tokenized examples packed into rows of at most `length` tokens, as arrow list arrays.
 
@@ -44,13 +53,8 @@ def pack(input_ids: Any, labels: Any, length: int) -> dict[str, Any]:
     import numpy as np
     import pyarrow as pa
 
-    def flat(column: Any) -> tuple[Any, Any]:
-        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        offsets = column.offsets.to_numpy()
-        return offsets - offsets[0], column.flatten().to_numpy()
-
-    offsets, ids = flat(input_ids)
-    _, flat_labels = flat(labels)
+    offsets, ids = flat_list(input_ids)
+    _, flat_labels = flat_list(labels)
     sizes = np.diff(offsets)
     starts = offsets[:-1]
     flat_labels = flat_labels.copy()

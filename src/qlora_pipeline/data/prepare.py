@@ -118,9 +118,8 @@ def content_hash(ds: Any) -> str:
 
     h = hashlib.sha256()
     for name in ("input_ids", "labels"):
-        column = ds.data.column(name).combine_chunks()
-        h.update(column.offsets.to_numpy().tobytes())
-        h.update(column.values.to_numpy().tobytes())
+        for array in pack.flat_list(ds.data.column(name)):
+            h.update(array.tobytes())
     return h.hexdigest()
 
 
@@ -303,7 +302,7 @@ def write_test_jsonl(path: Path, conversations: list, segments: list, eos: str) 
                 else {
                     "prompt": templates.eval_prompt(segs),
                     "answer": content,
-                    "target": segs[-1][0].replace(eos, "") if eos else segs[-1][0],
+                    "target": segs[-1][0].replace(eos, ""),
                 }
             )
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -128,11 +128,12 @@ def attach_lora(
 
     target = lora.target_modules
     if target != "all-linear":
-        unknown = sorted(set(target) - set(linear_names(model)))
+        existing = linear_names(model)
+        unknown = sorted(set(target) - set(existing))
         if unknown:
             raise PipelineError(
                 f"config key 'train.lora.target_modules': no linear layer named {unknown}; "
-                f"the model has {linear_names(model)}"
+                f"the model has {existing}"
             )
     if lora.init == "loftq" and method.quantization is None:
         raise PipelineError(

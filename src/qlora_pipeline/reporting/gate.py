@@ -89,8 +89,8 @@ def check(tasks: dict[str, dict[str, Any]], gate: GateConfig) -> tuple[str, list
     return ("FAIL" if reasons else "PASS"), reasons
 
 
-def verdict_of(metrics_path: Path) -> int:
-    """Print a written report's verdict and reasons; 0 on PASS, 1 on FAIL.
+def read_verdict(metrics_path: Path) -> tuple[str, list[str]]:
+    """The verdict and reasons a written report recorded.
 
     Raises:
         PipelineError: no report yet.
@@ -98,6 +98,15 @@ def verdict_of(metrics_path: Path) -> int:
     if not metrics_path.is_file():
         raise PipelineError(f"{metrics_path}: not found; run the report stage first")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    verdict, reasons = metrics["verdict"], metrics.get("reasons", [])
+    return metrics["verdict"], metrics.get("reasons", [])
+
+
+def verdict_of(metrics_path: Path) -> int:
+    """Print a written report's verdict and reasons; 0 on PASS, 1 on FAIL.
+
+    Raises:
+        PipelineError: no report yet.
+    """
+    verdict, reasons = read_verdict(metrics_path)
     print(f"quality gate: {verdict}" + (f" ({'; '.join(reasons)})" if reasons else ""))
     return 0 if verdict == "PASS" else 1

@@ -82,8 +82,7 @@ class StepLog(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # On resume, drop the lines of steps after the checkpoint: they are about to be redone.
         if self.path.exists():
-            rows = [json.loads(x) for x in self.path.read_text(encoding="utf-8").splitlines() if x]
-            kept = [r for r in rows if r["step"] <= state.global_step]
+            kept = [r for r in read_steps(self.path) if r["step"] <= state.global_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self.clock, self.tokens = time.perf_counter(), state.num_input_tokens_seen
 

@@ -198,7 +198,8 @@ def train(
             method.optimizer,
         )
     quant = method.quantization
-    resume = checkpoints(folder)[-1] if t.save_steps and checkpoints(folder) else None
+    saved = checkpoints(folder) if t.save_steps else []
+    resume = saved[-1] if saved else None
     log.info(
         "train[%s]: base %s, %d trainable / %d params, %d steps x batch %d on %s%s",
         method_name,
@@ -219,9 +220,7 @@ def train(
         model=model,
         args=training_arguments(cfg, method_name, folder),
         train_dataset=splits["train"],
-        eval_dataset=splits["val"].select_columns(["input_ids", "attention_mask", "labels"])
-        if t.eval_steps
-        else None,
+        eval_dataset=splits["val"] if t.eval_steps else None,
         data_collator=collator(tokenizer),
         processing_class=tokenizer,  # counts non-padding tokens when rows are packed
         callbacks=[StepLog(steps_path)],
