@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params bench-prepare clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench-prepare bench-cpu-kernels clean
 
 setup:
 	@bash scripts/setup.sh
@@ -34,8 +34,19 @@ format: setup
 params: setup ## re-compose params.yaml from conf/
 	$(BIN)/qlora-pipeline compose
 
+lock: setup ## re-pin requirements.lock to what .venv has (after changing dependencies)
+	{ sed -n '1,4p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^qlora-pipeline' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+check-reference: run ## after `make run`: the committed reference run must be reproduced exactly
+	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/scores.csv
+	@echo "reference run reproduced: dvc.lock and reports/metrics.json unchanged"
+
+bench-cpu-kernels: setup ## speed of native vs pinned (avx2, compatible) CPU kernels, side by side
+	$(BIN)/python benchmarks/bench_cpu_kernels.py
+
 bench-prepare: setup ## time the prepare step on 100k generated rows (prints a table)
 	$(BIN)/python scripts/bench_prepare.py
 
 clean: ## remove generated outputs (DVC's cache keeps them restorable)
-	rm -rf models data/prepared results reports .prefect
+	rm -rf models data/prepared results .prefect

@@ -12,8 +12,11 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from qlora_pipeline.config.schema import load_params
 from qlora_pipeline.reporting.gate import read_verdict
+from qlora_pipeline.reporting.report import write_documents
 from qlora_pipeline.tracking.dvc import compose, repro, stage_order, write_params
+from qlora_pipeline.tracking.revisions import pinning_overrides
 
 
 @task(task_run_name="compose params.yaml")
@@ -32,21 +35,33 @@ def stage_task(root: str, stage: str) -> str:
 
 
 @task(task_run_name="publish report")
-def publish_task(report_md: str) -> None:
-    text = Path(report_md).read_text(encoding="utf-8")
+def publish_task(root: str) -> str:
+    """Render report.md/html again with this run's records, publish it as a Prefect artifact."""
+    cfg = load_params(Path(root) / "params.yaml")
+    p = cfg.paths
+    exports = Path(root) / p.exports
+    write_documents(
+        cfg,
+        Path(root) / p.data,
+        Path(root) / p.adapters,
+        Path(root) / p.report,
+        exports if exports.is_dir() else None,
+    )
+    report = Path(root) / p.report / "report.md"
+    text = report.read_text(encoding="utf-8")
     create_markdown_artifact(markdown=text, key="quality-gap-report", description="QLoRA vs LoRA")
+    return str(report)
 
 
 @flow(name="qlora-pipeline")
 def pipeline_flow(root: str, overrides: list[str]) -> str:
     """Compose the config, run every stage of dvc.yaml in dependency order, publish the report."""
     logger = get_run_logger()
-    info = compose_task(root, overrides)
+    compose_task(root, overrides)
     done: dict[str, str] = {}
     for stage, upstream in stage_order(Path(root)):
         done[stage] = stage_task(root, stage, wait_for=[done[u] for u in upstream])
-    report = Path(root) / info["paths"]["report"] / "report.md"
-    publish_task(str(report))
+    report = publish_task(root, wait_for=list(done.values()))
     logger.info("report: %s (and report.html, metrics.json beside it)", report)
     return str(report)
 
@@ -61,6 +76,7 @@ def run(root: Path, overrides: list[str]) -> int:
     `report.gate.enforce` is on (the report is written either way).
     """
     _, cfg = compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
+    pinning_overrides(cfg)  # ... or on a hub revision that cannot be pinned to a commit
     state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
         print(f"error: pipeline failed: {state.message}", file=sys.stderr)

@@ -6,7 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from qlora_pipeline.runtime import pin_cpu
+
+pin_cpu("avx2", 2)  # as every stage does, before torch is imported: the same bytes as the CLI
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +48,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_prefect(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
-    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +57,7 @@ def tiny_cfg(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("tiny")
     _, cfg = compose(ROOT, TINY)
-    for name in ("base", "data", "adapters", "checkpoints", "exports", "eval", "report"):
+    for name in ("base", "data", "adapters", "checkpoints", "exports", "eval", "report", "runs"):
         setattr(cfg.paths, name, str(work / name))
     return cfg
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from qlora_pipeline.config.schema import BootstrapConfig, ModelConfig
-from qlora_pipeline.io import sha256_file
+from qlora_pipeline.files import sha256_file
 from qlora_pipeline.modeling.bootstrap import bootstrap, corpus_lines, pack
 
 

@@ -27,8 +27,16 @@ def test_parameter_count_of_a_known_model():
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])
-def test_weights_and_adapter_match_measured_tiny_footprints(tiny_cfg, tiny_base, method):
+def test_weights_and_adapter_match_measured_tiny_footprints(
+    tiny_cfg, tiny_base, method, monkeypatch
+):
+    """The planner models the configured dtypes (bf16 on a GPU): load as configured, which the
+    native CPU mode does (pinned kernels compute in fp32); nothing runs, only footprints count."""
     from peft import prepare_model_for_kbit_training
+
+    from qlora_pipeline.runtime import MODE_ENV
+
+    monkeypatch.setenv(MODE_ENV, "native")
 
     config = json.loads((tiny_base / "config.json").read_text())
     est = estimate(config, method, 32, 4, r=tiny_cfg.train.lora.r)

@@ -132,7 +132,8 @@ def test_step_metrics_and_eval_loss_are_logged(trained, tiny_cfg):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(5, 301, 5))
     assert all(
-        r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 and "grad_norm" in r for r in train_rows
+        "grad_norm" in r and set(r) <= {"step", "loss", "learning_rate", "grad_norm"}
+        for r in train_rows
     )
     assert [r["step"] for r in rows if "eval_loss" in r] == [100, 200, 300]
     assert not Path(tiny_cfg.paths.checkpoints, "qlora").exists()  # removed once the adapter is out
@@ -201,7 +202,8 @@ def test_sigkilled_run_resumes_to_the_same_adapter_bitwise(
     )
     assert _train_cli(files["killed"]) == 0  # the same command again: resumes
     metrics = json.loads((tmp_path / "killed/adapters/qlora/train_metrics.json").read_text())
-    assert metrics["resumed_from_step"] in (20, 30) and metrics["steps"] == 40
+    record = json.loads(Path(tiny_cfg.paths.runs, "train@qlora.json").read_text())
+    assert record["resumed_from_step"] in (20, 30) and metrics["steps"] == 40
     a = load_file(tmp_path / "straight/adapters/qlora/adapter_model.safetensors")
     b = load_file(tmp_path / "killed/adapters/qlora/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -234,7 +236,7 @@ def test_export_merges_within_tolerance_and_loads_without_peft(
         and "tokenizer.json" in files
         and not [f for f in files if f.endswith(".bin")]
     )
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     texts = export_mod.prompts(tiny_data)
     again = export_mod.logits(merged, tiny_tokenizer, texts)

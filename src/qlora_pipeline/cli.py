@@ -100,12 +100,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+STAGES = ("bootstrap", "prepare", "train", "export", "evaluate", "report")
+
+
+def stage_name(args: argparse.Namespace) -> str:
+    """The DVC stage a command runs: `train qlora` is `train@qlora`."""
+    item = getattr(args, "method", None) or getattr(args, "model", None)
+    return f"{args.command}@{item}" if item else args.command
+
+
 def _stage(args: argparse.Namespace) -> None:
+    """Run one stage: pin the CPU kernels before torch loads, run the step, record its cost."""
+    import time
+
     from qlora_pipeline.config.schema import load_params
-    from qlora_pipeline.runtime import setup_torch
+    from qlora_pipeline.runtime import pin_cpu, setup_torch
+    from qlora_pipeline.tracking.revisions import require_pinned
 
     cfg = load_params(args.params)
-    setup_torch(cfg.threads, cfg.seed)
+    require_pinned(cfg)
+    started = time.perf_counter()
+    pin_cpu(cfg.runtime.cpu_kernels, cfg.runtime.threads)
+    setup_torch(cfg.seed)
     p = cfg.paths
     if args.command == "bootstrap":
         from qlora_pipeline.modeling.bootstrap import bootstrap
@@ -133,10 +149,24 @@ def _stage(args: argparse.Namespace) -> None:
         from qlora_pipeline.reporting.report import build_report
 
         build_report(cfg, p.data, p.adapters, p.eval, p.report, p.exports)
+    from qlora_pipeline.tracking.perf import write_record
+
+    write_record(p.runs, stage_name(args), Path(args.params), started)
+
+
+def _pin_hash_seed(argv: list[str] | None) -> None:
+    """Re-execute once with PYTHONHASHSEED=0 so set iteration order (peft's target_modules, for
+    one) is the same in every process; only for a real command line (argv None), not in tests."""
+    if argv is not None or os.environ.get("PYTHONHASHSEED") == "0":
+        return
+    env = dict(os.environ, PYTHONHASHSEED="0")
+    os.execve(sys.executable, [sys.executable, "-m", "qlora_pipeline", *sys.argv[1:]], env)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in STAGES:
+        _pin_hash_seed(argv)
     from qlora_pipeline.runtime import log, setup_logging
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)

@@ -162,7 +162,14 @@ class GateConfig:
 class ReportConfig:
     title: str = "QLoRA vs LoRA quality gap"
     accepted_rev: str | None = "HEAD"
+    allow_protocol_change: bool = False
     gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass
+class RuntimeConfig:
+    cpu_kernels: str = "avx2"
+    threads: int = 2
 
 
 @dataclass
@@ -174,6 +181,7 @@ class PathsConfig:
     exports: str = "models/export"
     eval: str = "results/eval"
     report: str = "reports"
+    runs: str = "runs"
 
 
 @dataclass
@@ -185,7 +193,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
-    threads: int = 2
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -324,7 +332,15 @@ def _validate_values(cfg: PipelineConfig) -> None:
     _check(g.max_drop_vs_lora >= 0, "report.gate.max_drop_vs_lora", "must be >= 0")
     for name in g.tasks or []:
         _one_of(name, tuple(cfg.eval.tasks), "report.gate.tasks")
-    _check(cfg.threads >= 0, "threads", "must be >= 0")
+    from qlora_pipeline.runtime import CPU_KERNELS
+
+    _one_of(cfg.runtime.cpu_kernels, CPU_KERNELS, "runtime.cpu_kernels")
+    _check(
+        cfg.runtime.threads > 0 or cfg.runtime.cpu_kernels == "native",
+        "runtime.threads",
+        f"must be > 0 with pinned CPU kernels (the thread count is part of the result), got {cfg.runtime.threads}",
+    )
+    _check(cfg.runtime.threads >= 0, "runtime.threads", "must be >= 0")
 
 
 def validate_dict(raw: dict[str, Any]) -> PipelineConfig:

@@ -16,7 +16,7 @@ from qlora_pipeline.config.schema import DataConfig
 from qlora_pipeline.data import clean, formats, pack, sources, templates
 from qlora_pipeline.data.synthetic import generate
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_dir, read_json, sha256_text, write_json
+from qlora_pipeline.files import atomic_dir, read_json, sha256_text, write_json
 from qlora_pipeline.runtime import log
 
 IGNORE_INDEX = pack.IGNORE_INDEX

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import sha256_file
+from qlora_pipeline.files import sha256_file
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 

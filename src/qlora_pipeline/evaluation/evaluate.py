@@ -14,8 +14,14 @@ import yaml
 
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_dir, write_json
-from qlora_pipeline.modeling.load import load_adapted, load_base, load_tokenizer, torch_dtype
+from qlora_pipeline.files import atomic_dir, read_json, sha256_file, sha256_text, write_json
+from qlora_pipeline.modeling.load import (
+    compute_dtype,
+    load_adapted,
+    load_base,
+    load_tokenizer,
+    torch_dtype,
+)
 from qlora_pipeline.runtime import device_name, log
 
 DEFAULT_TASKS_DIR = Path(__file__).parent / "tasks"
@@ -100,9 +106,70 @@ def load_for_eval(
         if not (path / "model.safetensors").is_file():
             raise PipelineError(f"{path}: no merged model here; run the export stage first")
         return AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype(cfg.methods["lora"].base_dtype), use_safetensors=True
+            str(path),
+            dtype=torch_dtype(compute_dtype(cfg.methods["lora"].base_dtype)),
+            use_safetensors=True,
         ).eval()
     return load_adapted(base_dir, cfg.methods[which], adapters_dir / which, trust)
+
+
+# lm-eval's results.json also holds the date, timings, the git hash, the host's hardware
+# (pretty_env_info) and absolute paths; only these keys are the same bytes on every machine.
+STABLE_RESULT_KEYS = (
+    "results",
+    "groups",
+    "group_subtasks",
+    "configs",
+    "versions",
+    "n-shot",
+    "higher_is_better",
+    "n-samples",
+    "lm_eval_version",
+    "transformers_version",
+    "max_length",
+)
+
+
+def stable_results(results: dict[str, Any], test_jsonl: Path) -> dict[str, Any]:
+    """lm-eval's results without what differs per machine, date or folder: the prepared test file
+    is named by its path as configured, not the absolute path the harness was given."""
+    out = {k: results[k] for k in STABLE_RESULT_KEYS if k in results}
+    for task_cfg in out.get("configs", {}).values():
+        files = (task_cfg.get("dataset_kwargs") or {}).get("data_files")
+        if isinstance(files, dict) and "test" in files:
+            files["test"] = test_jsonl.as_posix()
+    return out
+
+
+def protocol(cfg: PipelineConfig, results: dict[str, Any], template: str) -> dict[str, Any]:
+    """The evaluation protocol: what must match for two runs' scores to be comparable.
+
+    The test set is kept apart (`test_set`): another test set is not another protocol, but it
+    makes a paired comparison impossible.
+    """
+    from importlib.metadata import version
+
+    tasks = {}
+    for name, task_cfg in sorted(results.get("configs", {}).items()):
+        shown = json.loads(json.dumps(task_cfg, sort_keys=True, default=str))
+        shown.pop("dataset_kwargs", None)  # the test file's path: the test set's identity is apart
+        tasks[name] = {
+            "version": results.get("versions", {}).get(name),
+            "config_sha256": sha256_text(json.dumps(shown, sort_keys=True)),
+            "num_fewshot": results.get("n-shot", {}).get(name),
+            "output_type": task_cfg.get("output_type"),
+            "generation_kwargs": task_cfg.get("generation_kwargs"),
+        }
+    return {
+        "lm_eval": version("lm_eval"),
+        "tasks": tasks,
+        "template": template,
+        "batch_size": cfg.eval.batch_size,
+        "limit": cfg.eval.limit,
+        "gen_kwargs": cfg.eval.gen_kwargs,
+        "max_gen_toks": cfg.eval.max_gen_toks,
+        "long_items": "lm-eval default: the context is left-truncated to the model's length",
+    }
 
 
 def primary_metric(
@@ -203,7 +270,14 @@ def evaluate(
     if results is None:
         raise PipelineError("lm-eval returned no results")
     samples = results.pop("samples", {})
-    metrics: dict[str, Any] = {"model": which, "footprint_bytes": footprint, "tasks": {}}
+    manifest = read_json(Path(data_dir) / "manifest.json")
+    metrics: dict[str, Any] = {
+        "model": which,
+        "footprint_bytes": footprint,
+        "protocol": protocol(cfg, results, manifest["template"]),
+        "test_set": sha256_file(test_jsonl),
+        "tasks": {},
+    }
     for task, task_results in results["results"].items():
         metric_list = results.get("configs", {}).get(task, {}).get("metric_list") or [{}]
         key, value, stderr = primary_metric(task_results, metric_list[0].get("metric"))
@@ -211,7 +285,7 @@ def evaluate(
         metrics["tasks"][task] = {"metric": key, "value": value, "stderr": stderr, "n": n}
         log.info("evaluate[%s]: %s %s = %.3f (n=%d)", which, task, key, value, n)
     with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "results.json", results)
+        write_json(tmp / "results.json", stable_results(results, test_jsonl))
         for task, rows in samples.items():
             with open(tmp / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
                 for row in rows:

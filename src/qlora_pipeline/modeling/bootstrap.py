@@ -11,8 +11,10 @@ from typing import Any
 
 from qlora_pipeline.config.schema import BootstrapConfig, ModelConfig
 from qlora_pipeline.data.skills import SKILLS, prose_line
-from qlora_pipeline.io import atomic_dir, write_json
-from qlora_pipeline.runtime import log, peak_memory_mb
+from qlora_pipeline.files import atomic_dir, write_json
+from qlora_pipeline.modeling.load import compute_dtype
+from qlora_pipeline.runtime import log
+from qlora_pipeline.tracking.perf import note
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
 _FILLER = [
@@ -180,7 +182,7 @@ def bootstrap(model_cfg: ModelConfig, seed: int, out_dir: str | Path) -> dict:
             warmup_steps=0.05,
             lr_scheduler_type="cosine",
             max_grad_norm=1.0,
-            bf16=True,
+            bf16=compute_dtype("bfloat16") == "bfloat16",  # fp32 with portable CPU kernels
             use_cpu=not torch.cuda.is_available(),
             seed=seed,
             data_seed=seed,
@@ -204,15 +206,13 @@ def bootstrap(model_cfg: ModelConfig, seed: int, out_dir: str | Path) -> dict:
             "parameters": n_params,
             "pretrain_steps": cfg.steps,
             "final_loss": losses[-1] if losses else None,
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "wall_s": time.perf_counter() - t0,
-            **peak_memory_mb(),
         }
+        note(train_runtime_s=result.metrics.get("train_runtime"))
         write_json(tmp / "base.json", info)
     log.info(
         "bootstrap: final pre-training loss %.3f in %.0f s -> %s",
         info["final_loss"] or float("nan"),
-        info["wall_s"],
+        time.perf_counter() - t0,
         out_dir,
     )
     return info

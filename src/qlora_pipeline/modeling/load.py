@@ -11,7 +11,7 @@ from typing import Any
 
 from qlora_pipeline.config.schema import LoraConfig, MethodConfig, QuantizationConfig
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import read_json
+from qlora_pipeline.files import read_json
 
 
 def fsdp_active() -> bool:
@@ -56,6 +56,24 @@ def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False) -> Any
     return tok
 
 
+def compute_dtype(name: str) -> str:
+    """The dtype a configured 16-bit compute dtype really runs in.
+
+    With pinned CPU kernels (`runtime.cpu_kernels` avx2 or compatible, see runtime.py) a CPU computes in
+    float32: torch has no AVX2 kernel for bf16 matmuls, only a scalar fallback about 60x slower
+    than fp32 (measured: benchmarks/bench_cpu_kernels.py). Weights keep their bf16 values (loading
+    bf16 into fp32 is exact); only activations and accumulation are fp32. GPUs and native CPU
+    kernels compute in the configured dtype.
+    """
+    import torch
+
+    from qlora_pipeline.runtime import portable
+
+    if name in ("bfloat16", "float16") and portable() and not torch.cuda.is_available():
+        return "float32"
+    return name
+
+
 def bnb_config(q: QuantizationConfig) -> Any:
     """The QLoRA quantization: 4-bit weights (NF4 by default), optional double quantization,
     the storage dtype of the packed weights (bfloat16 for FSDP), and modules left unquantized."""
@@ -65,7 +83,7 @@ def bnb_config(q: QuantizationConfig) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype(q.compute_dtype)),
         bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
         llm_int8_skip_modules=list(q.skip_modules) or None,
     )
@@ -76,10 +94,12 @@ def load_base(base_dir: str | Path, method: MethodConfig, trust_remote_code: boo
     import torch
     from transformers import AutoModelForCausalLM
 
+    from qlora_pipeline.runtime import pin_bnb_kernels, portable
+
     source, revision = base_source(base_dir)
     kwargs: dict[str, Any] = {
         "revision": revision,
-        "dtype": torch_dtype(method.base_dtype),
+        "dtype": torch_dtype(compute_dtype(method.base_dtype)),
         "use_safetensors": True,
         "trust_remote_code": trust_remote_code,
     }
@@ -92,7 +112,7 @@ def load_base(base_dir: str | Path, method: MethodConfig, trust_remote_code: boo
     model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if method.quantization is None and torch.cuda.is_available():
         model = model.to("cuda")
-    return model
+    return pin_bnb_kernels(model) if portable() else model
 
 
 def linear_names(model: Any) -> list[str]:

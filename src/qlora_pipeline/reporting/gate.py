@@ -49,6 +49,65 @@ def accepted_metrics(rev: str | None, path: str | Path) -> tuple[dict[str, Any] 
         return None, f"{rel} at {rev} is not valid JSON"
 
 
+def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as {"a.b.c": value}."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def protocol_changes(current: dict[str, Any], accepted: dict[str, Any]) -> list[str]:
+    """Where two evaluation protocols differ, as `key: accepted → current` (empty: the same)."""
+    a, b = flat(accepted), flat(current)
+    return [
+        f"{k}: {a.get(k, '—')} → {b.get(k, '—')}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "—") != b.get(k, "—")
+    ]
+
+
+def comparable_accepted(
+    accepted: dict[str, Any] | None,
+    accepted_from: str,
+    protocol: dict[str, Any],
+    test_set: str,
+    allow_change: bool,
+) -> tuple[dict[str, Any] | None, str]:
+    """The accepted run if its scores can be compared with this run's, and what was compared.
+
+    Raises:
+        PipelineError: the accepted run was evaluated under another protocol and
+            `report.allow_protocol_change` is off.
+    """
+    if accepted is None:
+        return None, accepted_from
+    if "protocol" not in accepted:
+        return (
+            None,
+            f"{accepted_from}: records no evaluation protocol (made before protocols were recorded); not compared",
+        )
+    changes = protocol_changes(protocol, accepted["protocol"])
+    if changes and not allow_change:
+        raise PipelineError(
+            f"the accepted run ({accepted_from}) was evaluated under another protocol "
+            f"({'; '.join(changes)}); scores are not comparable. Set "
+            "report.allow_protocol_change=true to compare anyway, or report.accepted_rev=null"
+        )
+    notes = [accepted_from]
+    if changes:
+        notes.append(
+            f"protocol changed, compared anyway (report.allow_protocol_change): {'; '.join(changes)}"
+        )
+    if accepted.get("test_set") != test_set:
+        notes.append(
+            "another test set: the Δ is unpaired (different items), not a paired comparison"
+        )
+    return accepted, "; ".join(notes)
+
+
 def check(tasks: dict[str, dict[str, Any]], gate: GateConfig) -> tuple[str, list[str]]:
     """PASS or FAIL, and one reason per failed condition (empty when PASS).
 

@@ -13,7 +13,7 @@ import yaml
 
 from qlora_pipeline.config.schema import PipelineConfig, validate_dict
 from qlora_pipeline.errors import ConfigError, PipelineError
-from qlora_pipeline.io import atomic_write_text
+from qlora_pipeline.files import atomic_write_text
 
 
 def find_root(start: str | Path | None = None) -> Path:
@@ -49,8 +49,14 @@ def compose(root: Path, overrides: list[str]) -> tuple[str, PipelineConfig]:
 
 
 def write_params(root: Path, overrides: list[str]) -> PipelineConfig:
-    """Compose, validate, then replace params.yaml atomically (a bad override leaves it untouched)."""
+    """Compose, pin hub revisions to commits, validate, then replace params.yaml atomically (a bad
+    override leaves it untouched)."""
+    from qlora_pipeline.tracking.revisions import pinning_overrides
+
     text, cfg = compose(root, overrides)
+    pins = pinning_overrides(cfg)
+    if pins:
+        text, cfg = compose(root, [*overrides, *pins])
     atomic_write_text(root / "params.yaml", text)
     return cfg
 

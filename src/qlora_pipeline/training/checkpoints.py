@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.runtime import peak_memory_mb
+from qlora_pipeline.tracking.perf import drop_steps_after, note_step
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -69,8 +70,9 @@ class NonFiniteLoss(PipelineError):
 
 
 class StepLog(TrainerCallback):
-    """Appends one JSON line per logged step (loss, lr, grad norm, eval loss, tokens/s, peak
-    memory) and stops training on a NaN or inf loss before anything else is saved."""
+    """Appends one JSON line per logged step (loss, lr, grad norm, eval loss) and stops training
+    on a NaN or inf loss before anything else is saved. Tokens/s and peak memory per step go to
+    the stage's performance record (tracking/perf.py): they differ per machine, the log must not."""
 
     KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss")
 
@@ -84,6 +86,7 @@ class StepLog(TrainerCallback):
         if self.path.exists():
             kept = [r for r in read_steps(self.path) if r["step"] <= state.global_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        drop_steps_after(state.global_step)
         self.clock, self.tokens = time.perf_counter(), state.num_input_tokens_seen
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
@@ -94,9 +97,9 @@ class StepLog(TrainerCallback):
             return
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         if "loss" in row:
-            row["tokens_per_s"] = (tokens - self.tokens) / max(now - self.clock, 1e-9)
+            speed = (tokens - self.tokens) / max(now - self.clock, 1e-9)
+            note_step({"step": state.global_step, "tokens_per_s": speed, **peak_memory_mb()})
             self.clock, self.tokens = now, tokens
-        row.update(peak_memory_mb())
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         loss = row.get("loss")

@@ -15,9 +15,16 @@ from typing import Any
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.data.pack import IGNORE_INDEX, PackedCollator
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.io import atomic_dir, atomic_write_text, read_json, sha256_text, write_json
-from qlora_pipeline.modeling.load import attach_lora, base_source, load_base, load_tokenizer
-from qlora_pipeline.runtime import device_name, log, peak_memory_mb
+from qlora_pipeline.files import atomic_dir, atomic_write_text, read_json, sha256_text, write_json
+from qlora_pipeline.modeling.load import (
+    attach_lora,
+    base_source,
+    compute_dtype,
+    load_base,
+    load_tokenizer,
+)
+from qlora_pipeline.runtime import device_name, log, pin_bnb_kernels
+from qlora_pipeline.tracking.perf import note
 
 
 def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) -> Any:
@@ -26,7 +33,9 @@ def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) 
     from transformers import TrainingArguments
 
     t, method = cfg.train, cfg.methods[method_name]
-    compute = method.quantization.compute_dtype if method.quantization else method.base_dtype
+    compute = compute_dtype(
+        method.quantization.compute_dtype if method.quantization else method.base_dtype
+    )
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
@@ -77,21 +86,12 @@ def loss_csv(steps: list[dict[str, Any]]) -> str:
     """The training curve as CSV for DVC plots and the report."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    columns = ["step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_rss_mb"]
+    columns = ["step", "loss", "learning_rate", "grad_norm"]
     writer.writerow(columns)
     for row in steps:
         if "loss" in row:
             writer.writerow([row.get(c) for c in columns])
     return buf.getvalue()
-
-
-def keep_training_kernels(model: Any) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel when an eval
-    runs mid-training. The repacked weights stay packed and the training forward then rounds
-    differently, so a run with an eval before step N and a run resumed at step N would diverge."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def run_fingerprint(cfg: PipelineConfig, method_name: str, data_dir: Path) -> str:
@@ -186,7 +186,7 @@ def train(
         model, t.lora, method, cfg.seed, t.gradient_checkpointing, base_source(base_dir)[0]
     )
     trainable, total = model.get_nb_trainable_parameters()
-    keep_training_kernels(model)
+    pin_bnb_kernels(model)  # an eval mid-training must not repack: bitwise resume
     splits = load_from_disk(str(dataset_dir))
 
     paging = method.optimizer.startswith("paged") and torch.cuda.is_available()
@@ -244,14 +244,13 @@ def train(
     metrics = {
         "method": method_name,
         "base_dtype": method.base_dtype,
+        "compute_dtype": compute_dtype(quant.compute_dtype if quant else method.base_dtype),
         "quantization": None if quant is None else dataclasses.asdict(quant),
         "lora": dataclasses.asdict(t.lora),
         "optimizer": method.optimizer,
         "optimizer_paging": paging,
         "gradient_checkpointing": t.gradient_checkpointing,
-        "device": device_name(),
         "steps": int(trainer.state.global_step),
-        "resumed_from_step": int(resume.name.split("-")[1]) if resume else None,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "base_footprint_bytes": int(base_footprint),
@@ -260,11 +259,15 @@ def train(
         "final_eval_loss": evals[-1] if evals else None,
         "train_loss": result.training_loss,
         "tokens": tokens,
-        "tokens_per_s": tokens / train_s,
-        "train_s": train_s,
-        "wall_s": time.perf_counter() - t0,
-        **peak_memory_mb(),
     }
+    # where and how fast it ran: the stage's performance record, never the hashed adapter folder
+    note(
+        device=device_name(),
+        resumed_from_step=int(resume.name.split("-")[1]) if resume else None,
+        tokens_per_s=tokens / train_s,
+        train_s=train_s,
+        step_wall_s=time.perf_counter() - t0,
+    )
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         shutil.copyfile(steps_path, tmp / "steps.jsonl")
@@ -272,12 +275,11 @@ def train(
         write_json(tmp / "train_metrics.json", metrics)
     shutil.rmtree(folder, ignore_errors=True)  # the adapter is the output now
     log.info(
-        "train[%s]: loss %.3f -> %.3f, %.0f tokens/s, peak RSS %.0f MB -> %s",
+        "train[%s]: loss %.3f -> %.3f, %.0f tokens/s -> %s",
         method_name,
         metrics["first_loss"],
         metrics["final_loss"],
-        metrics["tokens_per_s"],
-        metrics["peak_rss_mb"],
+        tokens / train_s,
         out_dir,
     )
     return metrics
