@@ -46,6 +46,7 @@ def publish_task(root: str) -> str:
         Path(root) / p.adapters,
         Path(root) / p.report,
         exports if exports.is_dir() else None,
+        Path(root) / p.runs,
     )
     report = Path(root) / p.report / "report.md"
     text = report.read_text(encoding="utf-8")

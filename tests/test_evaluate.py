@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qlora_pipeline.errors import PipelineError
@@ -30,7 +32,7 @@ def test_our_tasks_read_the_prepared_split_with_both_output_types(manager, tmp_p
 def test_unknown_task_names_the_key_and_what_exists(manager, tmp_path):
     with pytest.raises(
         PipelineError,
-        match=r"config key 'eval.tasks': unknown task 'qlora_nope'; not in .*'qlora_answer_ll', 'qlora_synthetic_qa'",
+        match=r"config key 'eval.tasks': unknown task 'qlora_nope'; not in .*'qlora_answer_ll', 'qlora_gsm8k', 'qlora_synthetic_qa'",
     ):
         resolve_tasks(["qlora_nope"], DEFAULT_TASKS_DIR, tmp_path / "t.jsonl", 8, manager)
 
@@ -56,7 +58,27 @@ def test_text_data_with_prompt_tasks_is_a_clear_error(tiny_cfg, tmp_path):
     (tmp_path / "test.jsonl").write_text('{"text": "some raw text"}\n')
     with pytest.raises(
         PipelineError,
-        match=r"test\.jsonl: no prompt/answer rows \(data\.format=alpaca\), which qlora_synthetic_qa, qlora_answer_ll need",
+        match=r"test\.jsonl: no prompt/answer rows \(data\.format=alpaca\), which qlora_synthetic_qa need",
     ):
         evaluate(tiny_cfg, "base", tmp_path, tmp_path, tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_our_gsm8k_task_scores_as_lm_evals_own_gsm8k(manager, tmp_path):
+    """Same answer extraction (filters), metric settings and greedy decoding as lm-eval's gsm8k;
+    only the data source (the prepared local test split) and the prompt marker differ."""
+    import lm_eval
+    import yaml
+
+    theirs = yaml.safe_load(
+        (Path(lm_eval.__file__).parent / "tasks/gsm8k/gsm8k.yaml").read_text(encoding="utf-8")
+    )
+    (ours,) = resolve_tasks(
+        ["qlora_gsm8k"], DEFAULT_TASKS_DIR, tmp_path / "test.jsonl", 256, manager
+    )
+    assert ours["filter_list"] == theirs["filter_list"]
+    assert ours["metric_list"] == theirs["metric_list"]
+    for key in ("do_sample", "temperature"):
+        assert ours["generation_kwargs"][key] == theirs["generation_kwargs"][key]
+    assert ours["generation_kwargs"]["max_gen_toks"] == 256
+    assert ours["dataset_path"] == "json" and ours["doc_to_target"] == theirs["doc_to_target"]

@@ -64,20 +64,31 @@ def test_report_names_both_methods_and_fine_tuning_beats_base(project):
     report = (project / "reports/report.md").read_text()
     assert "QLoRA" in report and "LoRA" in report and "paged_adamw_32bit" in report
     assert "McNemar p" in report and "no accepted run yet" in report
-    assert "QLoRA merged (bf16)" in report and "## Merged export" in report
+    assert report.splitlines()[2].startswith("> **Quality gate: ")  # the verdict banner first
+    assert "## What ships" in report and "QLoRA adapter on the bf16 base" in report
+    assert "## Merged export" in report
     html = (project / "reports/report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert set(metrics["tasks"]) == {"qlora_synthetic_qa", "qlora_answer_ll"}
+    assert set(metrics["tasks"]) == {"qlora_synthetic_qa"}
     for name, task in metrics["tasks"].items():
         assert task["qlora"] > task["base"] + 0.3, name
         assert task["lora"] > task["base"] + 0.3, name
         assert task["gap_ci_low"] <= task["gap"] <= task["gap_ci_high"]
         assert 0 <= task["mcnemar"]["p_value"] <= 1 and task["qlora_vs_accepted"] is None
-        assert abs(task["merged_minus_qlora"]) <= 0.1, name  # the merged export keeps the score
+        for shipped in ("merged", "qlora_on_bf16"):  # scored, with a paired interval of the drift
+            drift = task[f"{shipped}_drift"]
+            assert drift["ci_low"] <= drift["estimate"] <= drift["ci_high"], shipped
+        assert abs(task["merged_drift"]["estimate"]) <= 0.1, name  # the export keeps the score
     assert metrics["verdict"] in ("PASS", "FAIL") and metrics["optimizer"]["qlora"]
+    conditions = {(c["task"], c["condition"]): c for c in metrics["conditions"]}
+    gain = conditions[("qlora_synthetic_qa", "QLoRA gain over base")]
+    assert gain["verdict"] == "PASS" and gain["ci_low"] <= gain["estimate"] <= gain["ci_high"]
+    items = (project / "reports/items.csv").read_text().splitlines()
+    assert items[0] == "task,metric,doc_id,base,qlora,qlora_on_bf16,merged,lora"
+    assert len(items) == 1 + 40
     rows = (project / "reports/scores.csv").read_text().splitlines()
-    assert rows[0] == "task,model,score,ci_low,ci_high" and len(rows) == 1 + 2 * 3
+    assert rows[0] == "task,model,score,ci_low,ci_high" and len(rows) == 1 + 3
 
 
 @pytest.mark.skipif(
@@ -91,8 +102,13 @@ def test_report_html_renders_in_headless_chromium(project):
     shot = project / "report.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto((project / "reports/report.html").as_uri())
+        scroll_width = page.evaluate("document.documentElement.scrollWidth")
+        banner = page.evaluate(
+            "document.body.children[1].className + ': ' + document.body.children[1].innerText"
+        )
+        raw_markdown = page.evaluate("document.body.innerText.includes('`')")
         images = page.evaluate(
             "Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth])"
         )
@@ -102,6 +118,9 @@ def test_report_html_renders_in_headless_chromium(project):
     assert [alt for alt, _, _ in images] == ["gap", "scores", "loss_curves"]
     assert all(complete and width > 300 for _, complete, width in images)
     assert tables >= 5
+    assert scroll_width <= 1280  # no horizontal overflow at 1280 px
+    assert re.match(r"verdict (pass|fail): Quality gate: (PASS|FAIL)", banner)  # first, at the top
+    assert not raw_markdown
     pixels = imread(shot)[..., :3]
     assert pixels.shape[0] > 900 and np.std(pixels) > 0.05  # not blank
 
@@ -208,7 +227,8 @@ def test_enforced_gate_fails_the_run_and_compares_with_the_accepted_run(project)
     proc = _run(project, "-m", "qlora_pipeline", "run", *gated)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
-    assert "error: quality gate FAIL: qlora_synthetic_qa: retention" in proc.stderr
+    assert "error: quality gate FAIL: " in proc.stderr
+    assert "qlora_synthetic_qa: retention: " in proc.stderr  # the impossible threshold, named
     assert re.findall(r"Running stage '([^']+)'", out) == ["report"]
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert metrics["verdict"] == "FAIL"

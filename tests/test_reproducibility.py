@@ -220,3 +220,19 @@ def test_the_lock_pins_what_is_installed():
         if name == "torch" and torch.version.cuda:
             continue  # GPU machines keep their own CUDA torch (setup.sh drops the lock's line)
         assert lock[name] == Version(version(name)).public, name
+
+
+def test_a_task_added_or_dropped_is_not_a_protocol_change_for_the_shared_tasks():
+    two = {**PROTOCOL, "tasks": {**PROTOCOL["tasks"], "ll": {"version": 1.0, "num_fewshot": 0}}}
+    compared, _ = comparable_accepted(
+        {"protocol": two, "test_set": "t"}, "HEAD", PROTOCOL, "t", False
+    )
+    assert compared is not None
+    compared, note = comparable_accepted(
+        {"protocol": {**PROTOCOL, "tasks": {"other": {}}}, "test_set": "t"},
+        "HEAD",
+        PROTOCOL,
+        "t",
+        False,
+    )
+    assert compared is None and "no evaluation task in common" in note

@@ -132,3 +132,32 @@ def test_saved_qlora_adapter_reloads_deterministically_and_close_to_training(
     in_training = _logits(model, tiny_tokenizer)
     assert (first - in_training).abs().max() < 0.15 * in_training.abs().max()
     assert (first.argmax(-1) == in_training.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_the_arms_differ_only_in_the_quantized_weights(tiny_cfg, tiny_base, upcast, monkeypatch):
+    """Read off the loaded modules (native kernels: bf16 as configured): with one upcast policy
+    for both arms, every part but the linear weights has the same dtype."""
+    from qlora_pipeline.modeling.load import dtype_summary
+    from qlora_pipeline.runtime import MODE_ENV
+
+    monkeypatch.setenv(MODE_ENV, "native")
+    loaded = {
+        m: dtype_summary(
+            attach_lora(
+                load_base(tiny_base, tiny_cfg.methods[m]),
+                tiny_cfg.train.lora,
+                tiny_cfg.methods[m],
+                0,
+                upcast=upcast,
+            )
+        )
+        for m in ("qlora", "lora")
+    }
+    differs = {p for p in loaded["qlora"] if loaded["qlora"][p] != loaded["lora"].get(p)}
+    assert differs == {"linear weights"}
+    assert loaded["qlora"]["linear weights"] == "4-bit nf4"
+    assert loaded["lora"]["linear weights"] == "bfloat16"
+    expected = "float32" if upcast else "bfloat16"
+    assert loaded["lora"]["embeddings"] == loaded["lora"]["norms"] == expected
+    assert loaded["lora"]["lm_head"] == expected

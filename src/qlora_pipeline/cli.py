@@ -19,7 +19,7 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
   bootstrap | prepare | train {qlora,lora} | export {qlora,lora}
-  evaluate {base,qlora,lora,merged} | report
+  evaluate {base,qlora,qlora_on_bf16,merged,lora} | report
 
 Checks and planning:
   qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="run lm-eval on one model")
     ev.add_argument(
         "model",
-        choices=["base", "qlora", "lora", "merged"],
-        help="merged: the QLoRA adapter merged into the bf16 base (the export stage's output)",
+        choices=["base", "qlora", "qlora_on_bf16", "merged", "lora"],
+        help="qlora_on_bf16: the QLoRA adapter on the unquantized bf16 base; merged: the QLoRA "
+        "adapter merged into the bf16 base (the export stage's output)",
     )
     sub.add_parser("report", help="write the quality-gap report")
     pl = sub.add_parser(
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             # Prefect keeps its database under PREFECT_HOME: a project-local, git-ignored folder,
             # so runs and tests don't fight over one database. Set before prefect is imported.
             os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
+            # No network here: the server's telemetry would log "Failed to send telemetry" as an
+            # ERROR on every run, which reads as a failure.
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             from pipelines.flow import run
 
             return run(root, args.overrides)

@@ -129,6 +129,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    upcast_non_quantized: bool = MISSING
     logging_steps: int = 1
     eval_steps: int | None = None
     save_steps: int | None = None
@@ -152,16 +153,18 @@ class EvalConfig:
 class GateConfig:
     enforce: bool = False
     tasks: list[str] | None = None
-    min_gain_over_base: float = 0.5
-    min_retention: float = 0.9
+    min_gain_over_base: float = 0.01
     max_drop_vs_lora: float = 0.05
-    min_gain_vs_accepted: float = 0.0
+    min_retention: float | None = None
+    max_drop_vs_accepted: float = 0.0
+    max_cumulative_drop: float | None = 0.05
 
 
 @dataclass
 class ReportConfig:
     title: str = "QLoRA vs LoRA quality gap"
     accepted_rev: str | None = "HEAD"
+    anchor_rev: str | None = None
     allow_protocol_change: bool = False
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -329,7 +332,9 @@ def _validate_values(cfg: PipelineConfig) -> None:
         "must be >= 0 or null",
     )
     g = cfg.report.gate
-    _check(g.max_drop_vs_lora >= 0, "report.gate.max_drop_vs_lora", "must be >= 0")
+    for name in ("max_drop_vs_lora", "max_drop_vs_accepted", "max_cumulative_drop"):
+        value = getattr(g, name)
+        _check(value is None or value >= 0, f"report.gate.{name}", "must be >= 0")
     for name in g.tasks or []:
         _one_of(name, tuple(cfg.eval.tasks), "report.gate.tasks")
     from qlora_pipeline.runtime import CPU_KERNELS

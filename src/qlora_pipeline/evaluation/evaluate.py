@@ -25,7 +25,16 @@ from qlora_pipeline.modeling.load import (
 from qlora_pipeline.runtime import device_name, log
 
 DEFAULT_TASKS_DIR = Path(__file__).parent / "tasks"
-MODELS = ("base", "qlora", "lora", "merged")  # merged: the QLoRA export (bf16, adapter merged)
+# What ships, scored with the same harness settings: the base; QLoRA as trained (4-bit base +
+# adapter); the QLoRA adapter on the original bf16 base (what many deploy); the merged bf16 export;
+# and LoRA.
+MODELS = ("base", "qlora", "qlora_on_bf16", "merged", "lora")
+SHIPPED = {
+    "qlora": "QLoRA as trained (4-bit base + adapter)",
+    "qlora_on_bf16": "QLoRA adapter on the bf16 base",
+    "merged": "QLoRA merged into bf16 (export)",
+    "lora": "LoRA (bf16 base + adapter)",
+}
 
 
 def tasks_dir(cfg: PipelineConfig) -> Path:
@@ -93,6 +102,7 @@ def load_for_eval(
     cfg: PipelineConfig, which: str, base_dir: Path, adapters_dir: Path, exports_dir: Path
 ) -> Any:
     """base: the base in the LoRA arm's precision; qlora/lora: that arm's base + its saved adapter;
+    qlora_on_bf16: the QLoRA adapter on the base loaded as the LoRA arm loads it (not quantized);
     merged: the QLoRA export, a plain bf16 model with the adapter merged in."""
     trust = cfg.model.trust_remote_code
     if which == "base":
@@ -110,6 +120,8 @@ def load_for_eval(
             dtype=torch_dtype(compute_dtype(cfg.methods["lora"].base_dtype)),
             use_safetensors=True,
         ).eval()
+    if which == "qlora_on_bf16":
+        return load_adapted(base_dir, cfg.methods["lora"], adapters_dir / "qlora", trust)
     return load_adapted(base_dir, cfg.methods[which], adapters_dir / which, trust)
 
 
@@ -207,7 +219,7 @@ def evaluate(
 
     Args:
         cfg: the validated pipeline config.
-        which: base, qlora, lora, or merged (the QLoRA export).
+        which: one of MODELS.
         base_dir, data_dir, adapters_dir: outputs of the earlier stages.
         out_dir: gets `metrics.json`, `results.json` (harness output) and `samples_<task>.jsonl`.
 
@@ -281,7 +293,7 @@ def evaluate(
     for task, task_results in results["results"].items():
         metric_list = results.get("configs", {}).get(task, {}).get("metric_list") or [{}]
         key, value, stderr = primary_metric(task_results, metric_list[0].get("metric"))
-        n = len(samples.get(task, []))
+        n = len({row["doc_id"] for row in samples.get(task, [])})  # items, not rows per filter
         metrics["tasks"][task] = {"metric": key, "value": value, "stderr": stderr, "n": n}
         log.info("evaluate[%s]: %s %s = %.3f (n=%d)", which, task, key, value, n)
     with atomic_dir(out_dir) as tmp:

@@ -127,6 +127,56 @@ def linear_names(model: Any) -> list[str]:
     return sorted(names)
 
 
+def upcast_non_quantized(model: Any, skip_modules: list[str]) -> None:
+    """Cast to fp32 what `prepare_model_for_kbit_training` casts in the 4-bit arm: every 16-bit
+    parameter except the weights of the linear layers the 4-bit arm quantizes (all but
+    `skip_modules`). Applied to the unquantized arm, the two arms then differ only in those
+    weights: 4-bit in one, 16-bit in the other."""
+    import torch
+
+    for name, module in model.named_modules():
+        quantizable = isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in (
+            skip_modules
+        )
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dtype in (torch.float16, torch.bfloat16) and not (
+                quantizable and pname == "weight"
+            ):
+                param.data = param.data.float()
+
+
+def dtype_summary(model: Any) -> dict[str, str]:
+    """The dtypes of a loaded model by part: what really runs, not what the config says."""
+    import torch
+
+    parts: dict[str, set[str]] = {}
+
+    def add(part: str, value: str) -> None:
+        parts.setdefault(part, set()).add(value)
+
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        for pname, param in module.named_parameters(recurse=False):
+            if "lora_" in name:
+                add("LoRA adapter weights", str(param.dtype).removeprefix("torch."))
+            elif param.__class__.__name__ == "Params4bit":
+                add("linear weights", f"4-bit {param.quant_type}")
+            elif isinstance(module, torch.nn.Embedding):
+                add("embeddings", str(param.dtype).removeprefix("torch."))
+            elif "norm" in type(module).__name__.lower():
+                add("norms", str(param.dtype).removeprefix("torch."))
+            elif isinstance(module, torch.nn.Linear) and leaf == "lm_head":
+                add("lm_head", str(param.dtype).removeprefix("torch."))
+            elif isinstance(module, torch.nn.Linear):
+                add(
+                    "linear weights" if pname == "weight" else "linear biases",
+                    str(param.dtype).removeprefix("torch."),
+                )
+            else:
+                add("other", str(param.dtype).removeprefix("torch."))
+    return {part: ", ".join(sorted(values)) for part, values in sorted(parts.items())}
+
+
 def attach_lora(
     model: Any,
     lora: LoraConfig,
@@ -134,8 +184,14 @@ def attach_lora(
     seed: int,
     gradient_checkpointing: bool = False,
     base_path: str | None = None,
+    upcast: bool = True,
+    skip_modules: tuple[str, ...] | list[str] = ("lm_head",),
 ) -> Any:
     """Wrap `model` with trainable LoRA adapters; k-bit preparation for a quantized base.
+
+    `upcast` (train.upcast_non_quantized) applies one precision policy to both arms: fp32 for
+    everything the 4-bit arm does not quantize (embeddings, norms, `skip_modules`), as
+    `prepare_model_for_kbit_training` does for the 4-bit arm, or no upcast in either arm.
 
     The seed is set right before `get_peft_model`, so both methods start from the same adapter init.
     `lora.init=loftq` (quantized methods only) then re-initializes the adapters with peft's LoftQ
@@ -162,15 +218,19 @@ def attach_lora(
     if lora.init == "loftq" and not torch.cuda.is_available():
         raise PipelineError("config key 'train.lora.init': peft's LoftQ runs on CUDA only")
     gc_kwargs = {"use_reentrant": False}
-    if method.quantization is not None and not fsdp_active():  # FSDP: no fp32 upcast (one dtype)
+    quantized = method.quantization is not None
+    if quantized and upcast and not fsdp_active():  # FSDP: no fp32 upcast (one dtype)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs=gc_kwargs,
         )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-        model.enable_input_require_grads()
+    else:
+        if upcast and not quantized:
+            upcast_non_quantized(model, list(skip_modules))
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            model.enable_input_require_grads()
     config = PeftLoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

@@ -1,10 +1,10 @@
-"""The quality gate and the previously accepted run it compares with."""
+"""The quality gate: decisions on intervals, and whether the accepted run is comparable."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,56 +12,21 @@ from qlora_pipeline.config.schema import GateConfig
 from qlora_pipeline.errors import PipelineError
 
 
-def accepted_metrics(rev: str | None, path: str | Path) -> tuple[dict[str, Any] | None, str]:
-    """The report's `metrics.json` as committed at git revision `rev`, and where it came from.
-
-    Commit `reports/` (with `dvc.lock`) when you accept a run: that commit's metrics are then the
-    baseline the next report compares with. Returns (None, reason) when there is none.
-    """
-    if rev is None:
-        return None, "comparison off (report.accepted_rev: null)"
-    path = Path(path).resolve()
-    where = next(p for p in path.parents if p.exists())
-    try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-        )
-        root = Path(top.stdout.strip())
-        if top.returncode != 0 or not path.is_relative_to(root):
-            return None, "not in a git repository"
-        rel = path.relative_to(root).as_posix()
-        shown = subprocess.run(
-            ["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True, text=True
-        )
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", rev], cwd=root, capture_output=True, text=True
-        )
-    except OSError:
-        return None, "git is not available"
-    if shown.returncode != 0:
-        return None, f"no {rel} at {rev} (no accepted run yet)"
-    try:
-        return json.loads(shown.stdout), f"{rel} at {rev} ({commit.stdout.strip()})"
-    except json.JSONDecodeError:
-        return None, f"{rel} at {rev} is not valid JSON"
-
-
-def flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {"a.b.c": value}."""
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dataclasses / dicts as {"a.b.c": value}."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
     if not isinstance(obj, dict):
         return {prefix: obj}
     out: dict[str, Any] = {}
     for key, value in obj.items():
-        out.update(flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return out
 
 
 def protocol_changes(current: dict[str, Any], accepted: dict[str, Any]) -> list[str]:
     """Where two evaluation protocols differ, as `key: accepted → current` (empty: the same)."""
-    a, b = flat(accepted), flat(current)
+    a, b = flatten(accepted), flatten(current)
     return [
         f"{k}: {a.get(k, '—')} → {b.get(k, '—')}"
         for k in sorted(set(a) | set(b))
@@ -89,7 +54,15 @@ def comparable_accepted(
             None,
             f"{accepted_from}: records no evaluation protocol (made before protocols were recorded); not compared",
         )
-    changes = protocol_changes(protocol, accepted["protocol"])
+    # A task added or dropped is not a change for the tasks both runs have: compare those.
+    common = set(protocol.get("tasks", {})) & set(accepted["protocol"].get("tasks", {}))
+    if not common:
+        return None, f"{accepted_from}: no evaluation task in common; not compared"
+
+    def shared(p: dict[str, Any]) -> dict[str, Any]:
+        return {**p, "tasks": {k: v for k, v in p.get("tasks", {}).items() if k in common}}
+
+    changes = protocol_changes(shared(protocol), shared(accepted["protocol"]))
     if changes and not allow_change:
         raise PipelineError(
             f"the accepted run ({accepted_from}) was evaluated under another protocol "
@@ -108,44 +81,126 @@ def comparable_accepted(
     return accepted, "; ".join(notes)
 
 
-def check(tasks: dict[str, dict[str, Any]], gate: GateConfig) -> tuple[str, list[str]]:
-    """PASS or FAIL, and one reason per failed condition (empty when PASS).
+def _condition(
+    task: str,
+    name: str,
+    figures: dict[str, float] | None,
+    rule: str,
+    threshold: float | None,
+    holds: bool | None,
+    note: str = "",
+) -> dict[str, Any]:
+    """One gate condition: estimate, interval, the rule on the interval, threshold, verdict."""
+    figures = figures or {}
+    return {
+        "task": task,
+        "condition": name,
+        "estimate": figures.get("estimate"),
+        "ci_low": figures.get("ci_low"),
+        "ci_high": figures.get("ci_high"),
+        "rule": rule,
+        "threshold": threshold,
+        "verdict": "n/a" if holds is None else ("PASS" if holds else "FAIL"),
+        "note": note,
+    }
+
+
+def _interval(t: dict[str, Any], key: str) -> dict[str, float]:
+    return {"estimate": t[key], "ci_low": t[f"{key}_ci_low"], "ci_high": t[f"{key}_ci_high"]}
+
+
+def conditions(tasks: dict[str, dict[str, Any]], gate: GateConfig) -> list[dict[str, Any]]:
+    """Every gate condition on every gated task, each decided on its 95% interval, never on the
+    point estimate alone: a difference the interval cannot tell from noise neither passes a
+    required gain nor fails a tolerated drop.
 
     Args:
-        tasks: per-task figures as in metrics.json (`qlora_gain`, `lora_gain`, `retention`, `gap`,
-            `qlora_vs_accepted`: None when there is no accepted run).
+        tasks: per-task figures as in metrics.json (gains, gap and retention with intervals;
+            `vs_accepted` / `vs_anchor`: {estimate, ci_low, ci_high, paired} or None).
         gate: the thresholds.
     """
-    reasons = []
+    out = []
     for task in gate.tasks or list(tasks):
         if task not in tasks:
-            reasons.append(f"{task}: not evaluated")
+            out.append(_condition(task, "evaluated", None, "task was evaluated", None, False))
             continue
         t = tasks[task]
         for arm, label in (("qlora", "QLoRA"), ("lora", "LoRA")):
-            if t[f"{arm}_gain"] < gate.min_gain_over_base:
-                reasons.append(
-                    f"{task}: {label} gain over base {t[f'{arm}_gain']:+.3f} "
-                    f"< min_gain_over_base {gate.min_gain_over_base}"
+            gain = _interval(t, f"{arm}_gain")
+            out.append(
+                _condition(
+                    task,
+                    f"{label} gain over base",
+                    gain,
+                    "lower bound ≥",
+                    gate.min_gain_over_base,
+                    gain["ci_low"] >= gate.min_gain_over_base,
                 )
-        retention = t["retention"]
-        if retention is None or math.isnan(retention) or retention < gate.min_retention:
-            shown = (
-                "undefined" if retention is None or math.isnan(retention) else f"{retention:.3f}"
             )
-            reasons.append(f"{task}: retention {shown} < min_retention {gate.min_retention}")
-        if t["gap"] < -gate.max_drop_vs_lora:
-            reasons.append(
-                f"{task}: QLoRA trails LoRA by {-t['gap']:.3f} > max_drop_vs_lora "
-                f"{gate.max_drop_vs_lora}"
+        gap = _interval(t, "gap")
+        out.append(
+            _condition(
+                task,
+                "QLoRA − LoRA (non-inferiority)",
+                gap,
+                "lower bound ≥",
+                0.0 - gate.max_drop_vs_lora,
+                gap["ci_low"] >= -gate.max_drop_vs_lora,
             )
-        delta = t.get("qlora_vs_accepted")
-        if delta is not None and delta < gate.min_gain_vs_accepted:
-            reasons.append(
-                f"{task}: QLoRA vs accepted {delta:+.3f} < min_gain_vs_accepted "
-                f"{gate.min_gain_vs_accepted}"
+        )
+        retention = _interval(t, "retention")
+        defined = not math.isnan(retention["estimate"])
+        out.append(
+            _condition(
+                task,
+                "retention",
+                retention if defined else None,
+                "lower bound ≥",
+                gate.min_retention,
+                None
+                if gate.min_retention is None or not defined
+                else retention["ci_low"] >= gate.min_retention,
+                "" if defined else "undefined: LoRA's gain over base is not significantly positive",
             )
-    return ("FAIL" if reasons else "PASS"), reasons
+        )
+        for key, name, margin in (
+            ("vs_accepted", "QLoRA vs accepted QLoRA", gate.max_drop_vs_accepted),
+            ("vs_anchor", "QLoRA vs anchor QLoRA (cumulative drift)", gate.max_cumulative_drop),
+        ):
+            d = t.get(key)
+            holds = None if d is None or margin is None else d["ci_high"] >= -margin
+            note = "" if d is None else ("paired, same items" if d["paired"] else "unpaired")
+            out.append(
+                _condition(
+                    task,
+                    name,
+                    d,
+                    "upper bound ≥",
+                    None if margin is None else 0.0 - margin,
+                    holds,
+                    note or "no comparable run",
+                )
+            )
+    return out
+
+
+def check(
+    tasks: dict[str, dict[str, Any]], gate: GateConfig
+) -> tuple[str, list[str], list[dict[str, Any]]]:
+    """PASS or FAIL, one reason per failed condition (empty when PASS), and every condition."""
+    found = conditions(tasks, gate)
+    reasons = [
+        f"{c['task']}: {c['condition']}: "
+        + (
+            "not evaluated"
+            if c["condition"] == "evaluated"
+            else f"{c['estimate']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
+            f"{c['rule']} {c['threshold']:+.3f} does not hold"
+        )
+        for c in found
+        if c["verdict"] == "FAIL"
+    ]
+    return ("FAIL" if reasons else "PASS"), reasons, found
 
 
 def read_verdict(metrics_path: Path) -> tuple[str, list[str]]:

@@ -60,8 +60,10 @@ def scores(tasks: dict[str, dict[str, tuple[float, float]]], path: Path) -> Path
     return path
 
 
-def gap_bars(gaps: dict[str, tuple[float, float, float]], path: Path) -> Path:
-    """QLoRA − LoRA per task with its paired-bootstrap interval; the zero line is parity."""
+def gap_bars(gaps: dict[str, tuple[float, float, float]], margin: float, path: Path) -> Path:
+    """QLoRA − LoRA per task with its paired-bootstrap interval; the zero line is parity and the
+    dashed line the gate's non-inferiority margin (the interval's lower bound must stay right of
+    it)."""
     names = list(gaps)
     fig, ax = plt.subplots(figsize=(6.0, 1.2 + 0.6 * len(names)), dpi=110)
     values = [gaps[n][0] for n in names]
@@ -69,7 +71,9 @@ def gap_bars(gaps: dict[str, tuple[float, float, float]], path: Path) -> Path:
     colors = [COLORS["qlora"] if v >= 0 else COLORS["lora"] for v in values]
     ax.barh(names, values, xerr=errors, color=colors, capsize=5, height=0.5)
     ax.axvline(0, color="black", linewidth=1)
-    span = max(0.05, *(abs(x) for row in gaps.values() for x in row)) * 1.2
+    ax.axvline(-margin, color="#c62828", linestyle="--", linewidth=1.2, label="gate margin")
+    ax.legend(fontsize=8, loc="lower right")
+    span = max(0.05, margin, *(abs(x) for row in gaps.values() for x in row)) * 1.2
     ax.set_xlim(-span, span)
     ax.set_xlabel("QLoRA − LoRA (95% paired-bootstrap interval)")
     ax.grid(axis="x", alpha=0.3)

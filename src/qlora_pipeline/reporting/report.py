@@ -20,10 +20,17 @@ import numpy as np
 
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.evaluation.evaluate import SHIPPED
 from qlora_pipeline.files import atomic_dir, atomic_write_text, read_json, sha256_dir, write_json
 from qlora_pipeline.reporting import gate, plots
-from qlora_pipeline.reporting.gate import accepted_metrics
-from qlora_pipeline.reporting.stats import is_binary, mcnemar, paired_bootstrap
+from qlora_pipeline.reporting.history import accepted_metrics, anchor_rev, items_at, items_csv
+from qlora_pipeline.reporting.stats import (
+    is_binary,
+    mcnemar,
+    paired_bootstrap,
+    paired_difference,
+    unpaired_difference,
+)
 from qlora_pipeline.runtime import log
 from qlora_pipeline.tracking.perf import git_commit, read_records
 
@@ -33,7 +40,7 @@ METHODS = ("qlora", "lora")
 
 @dataclass
 class Block:
-    kind: str  # h1 | h2 | p | table | img
+    kind: str  # h1 | h2 | p | table | img | verdict (the PASS/FAIL banner) | list
     text: str = ""
     headers: tuple[str, ...] = ()
     rows: tuple[tuple[str, ...], ...] = ()
@@ -48,6 +55,10 @@ def to_markdown(blocks: list[Block]) -> str:
             out.append(b.text)
         elif b.kind == "img":
             out.append(f"![{Path(b.text).stem}]({Path(b.text).name})")
+        elif b.kind == "verdict":
+            out.append(f"> **{b.text}**")
+        elif b.kind == "list":
+            out.extend(f"- {r[0]}" for r in b.rows)
         elif b.kind == "table":
             out.append("| " + " | ".join(b.headers) + " |")
             out.append("|" + "|".join("---" for _ in b.headers) + "|")
@@ -56,29 +67,44 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n".join(out)
 
 
+def inline(text: str) -> str:
+    """Escaped text with Markdown's `code` spans as <code>: no raw Markdown in the page."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def to_html(blocks: list[Block], title: str, folder: Path) -> str:
     body = []
     for b in blocks:
         if b.kind in ("h1", "h2"):
-            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+            body.append(f"<{b.kind}>{inline(b.text)}</{b.kind}>")
         elif b.kind == "p":
-            body.append(f"<p>{html.escape(b.text)}</p>")
+            body.append(f"<p>{inline(b.text)}</p>")
+        elif b.kind == "verdict":
+            state = "pass" if "PASS" in b.text.split(":", 2)[1] else "fail"
+            body.append(f'<div class="verdict {state}">{inline(b.text)}</div>')
+        elif b.kind == "list":
+            body.append("<ul>" + "".join(f"<li>{inline(r[0])}</li>" for r in b.rows) + "</ul>")
         elif b.kind == "img":
             data = base64.b64encode((folder / Path(b.text).name).read_bytes()).decode()
             body.append(
                 f'<img alt="{html.escape(Path(b.text).stem)}" src="data:image/png;base64,{data}">'
             )
         elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
+            head = "".join(f"<th>{inline(h)}</th>" for h in b.headers)
             rows = "".join(
-                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows
+                "<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in b.rows
             )
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
     style = (
-        "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
-        "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;"
-        "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-        "img{max-width:100%;display:block;margin:1rem 0}"
+        "body{font-family:system-ui,sans-serif;max-width:72rem;margin:1.5rem auto;padding:0 1rem;"
+        "color:#222}table{border-collapse:collapse;margin:1rem 0;width:100%;table-layout:auto;"
+        "font-size:.85rem}td,th{border:1px solid #ccc;padding:.25rem .45rem;text-align:right;"
+        "overflow-wrap:anywhere}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%;display:block;margin:1rem 0}code{background:#f3f3f3;padding:0 .2rem}"
+        ".verdict{font-size:1.3rem;font-weight:600;padding:.8rem 1rem;border-radius:.4rem;"
+        "margin:1rem 0}.pass{background:#e3f6e5;border:2px solid #2e7d32}"
+        ".fail{background:#fde8e8;border:2px solid #c62828}"
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -86,12 +112,33 @@ def to_html(blocks: list[Block], title: str, folder: Path) -> str:
     )
 
 
-def per_sample_scores(eval_dir: Path, task: str, metric: str) -> np.ndarray:
-    """Per-item scores from the harness' samples, ordered by document id."""
+def per_sample_scores(eval_dir: Path, task: str, key: str) -> np.ndarray:
+    """Per-item scores of `key` ("metric,filter") from the harness' samples, by document id.
+
+    A task with several filters (gsm8k: strict and flexible extraction) logs one sample row per
+    filter and item; only the rows of the key's filter are taken, so they never mix.
+    """
+    metric, _, filt = key.partition(",")
     path = eval_dir / f"samples_{task}.jsonl"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    rows = [r for r in rows if r.get("filter", filt) == filt]
     rows.sort(key=lambda r: r["doc_id"])
     return np.array([float(r[metric]) for r in rows])
+
+
+def versus(
+    scores: np.ndarray, value: float, stderr: float | None, past: dict | None, items: Any, seed: int
+) -> dict[str, Any] | None:
+    """QLoRA now minus QLoRA in a past run: paired over the same items when the past run's
+    per-item scores are there (same test set), else unpaired from the two standard errors."""
+    if past is None:
+        return None
+    if items is not None and len(items) == len(scores):
+        return {**paired_difference(scores, items, seed=seed), "paired": True}
+    return {
+        **unpaired_difference(value, stderr or 0.0, past["qlora"], past.get("qlora_stderr") or 0.0),
+        "paired": False,
+    }
 
 
 def _read_curve(path: Path) -> tuple[list[float], list[float]]:
@@ -108,21 +155,9 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None or x != x else f"{x:.{digits}f}"
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dataclasses / dicts as {"a.b.c": value}."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def config_diff(qlora: Any, lora: Any) -> list[tuple[str, str, str]]:
     """The settings in which the two arms differ: (key, QLoRA value, LoRA value)."""
-    q, lo = flatten(qlora), flatten(lora)
+    q, lo = gate.flatten(qlora), gate.flatten(lora)
     every = set(q) | set(lo)
     keys = sorted(
         k
@@ -135,10 +170,18 @@ def config_diff(qlora: Any, lora: Any) -> list[tuple[str, str, str]]:
 
 
 def task_figures(
-    scores: dict[str, np.ndarray], res: dict[str, dict], seed: int, accepted: dict | None
+    scores: dict[str, np.ndarray],
+    res: dict[str, dict],
+    seed: int,
+    past: dict[str, tuple[dict | None, Any]],
 ) -> dict[str, Any]:
-    """Per-task statistics: scores, gains, paired bootstrap gap and retention, McNemar when the
-    metric is 0/1 per item, and the change against the accepted run."""
+    """Per-task statistics: scores; gains, gap and retention with paired-bootstrap intervals;
+    McNemar when the metric is 0/1 per item; the change against the accepted and anchor runs.
+
+    Args:
+        past: {"accepted" | "anchor": (that run's figures for this task or None, its per-item
+            QLoRA scores or None)}.
+    """
     stats = paired_bootstrap(scores["base"], scores["qlora"], scores["lora"], seed=seed)
     binary = is_binary(scores["qlora"]) and is_binary(scores["lora"])
     figures: dict[str, Any] = {
@@ -146,13 +189,17 @@ def task_figures(
         "n": res["base"]["n"],
         **{m: res[m]["value"] for m in MODELS},
         **{f"{m}_stderr": res[m]["stderr"] for m in MODELS},
-        **{f"{m}_gain": res[m]["value"] - res["base"]["value"] for m in METHODS},
         **stats,
         "mcnemar": mcnemar(scores["qlora"], scores["lora"]) if binary else None,
     }
+    accepted = past["accepted"][0]
     for m in METHODS:
         figures[f"{m}_vs_accepted"] = (
             figures[m] - accepted[m] if accepted is not None and m in accepted else None
+        )
+    for name, (run, items) in past.items():
+        figures[f"vs_{name}"] = versus(
+            scores["qlora"], figures["qlora"], figures["qlora_stderr"], run, items, seed
         )
     return figures
 
@@ -237,9 +284,12 @@ def build_report(
         if not path.is_file():
             raise PipelineError(f"{path}: not found; run the train stage for '{m}' first")
         trains[m] = read_json(path)
-    merged_path = eval_dir / "merged" / "metrics.json"  # the QLoRA export, evaluated (optional)
-    merged = read_json(merged_path) if merged_path.is_file() else None
-    evaluated = {**evals, **({"merged": merged} if merged else {})}
+    shipped = {  # the other shipped forms of the QLoRA adapter, when evaluated (optional stages)
+        m: read_json(eval_dir / m / "metrics.json")
+        for m in ("qlora_on_bf16", "merged")
+        if (eval_dir / m / "metrics.json").is_file()
+    }
+    evaluated = {**evals, **shipped}
     protocol, test_set = evals["base"].get("protocol"), evals["base"].get("test_set")
     for m, e in evaluated.items():
         changes = gate.protocol_changes(e.get("protocol") or {}, protocol or {})
@@ -248,34 +298,59 @@ def build_report(
                 f"{eval_dir / m / 'metrics.json'}: evaluated under another protocol or test set "
                 f"than base ({'; '.join(changes) or 'test set'}); rerun the evaluate stages"
             )
-    accepted, accepted_from = gate.comparable_accepted(
-        *accepted_metrics(cfg.report.accepted_rev, out_dir / "metrics.json"),
-        protocol or {},
-        test_set or "",
-        cfg.report.allow_protocol_change,
-    )
+    metrics_path = out_dir / "metrics.json"
+    past_runs = {}
+    for name, rev in (
+        ("accepted", cfg.report.accepted_rev),
+        ("anchor", cfg.report.anchor_rev or anchor_rev(metrics_path, protocol or {})),
+    ):
+        found, where = gate.comparable_accepted(
+            *(
+                accepted_metrics(rev, metrics_path)
+                if rev is not None or name == "accepted"
+                else (None, "no accepted run under this evaluation protocol yet")
+            ),
+            protocol or {},
+            test_set or "",
+            cfg.report.allow_protocol_change,
+        )
+        same_items = found is not None and found.get("test_set") == test_set
+        past_runs[name] = (
+            found,
+            where,
+            items_at(rev, out_dir / "items.csv") if same_items and rev is not None else None,
+        )
+    accepted_from = past_runs["accepted"][1]
 
     tasks: dict[str, dict[str, Any]] = {}
+    items: dict[str, dict[str, np.ndarray]] = {}
+    keys: dict[str, str] = {}
     for task in cfg.eval.tasks:
-        res = {m: evals[m]["tasks"][task] for m in MODELS}
-        metric = res["base"]["metric"].split(",")[0]
-        scores = {m: per_sample_scores(eval_dir / m, task, metric) for m in MODELS}
-        previous = (accepted or {}).get("tasks", {}).get(task)
-        tasks[task] = task_figures(scores, res, cfg.seed, previous)
-        if merged is not None:
-            export_result = merged["tasks"][task]
-            tasks[task].update(
-                merged=export_result["value"],
-                merged_stderr=export_result["stderr"],
-                merged_minus_qlora=export_result["value"] - tasks[task]["qlora"],
+        res = {m: evaluated[m]["tasks"][task] for m in evaluated}
+        keys[task] = res["base"]["metric"]
+        items[task] = {m: per_sample_scores(eval_dir / m, task, keys[task]) for m in evaluated}
+        past = {
+            name: (
+                (run or {}).get("tasks", {}).get(task),
+                None if run_items is None else run_items.get((task, keys[task]), {}).get("qlora"),
             )
-    verdict, reasons = gate.check(tasks, cfg.report.gate)
+            for name, (run, _, run_items) in past_runs.items()
+        }
+        tasks[task] = task_figures(items[task], res, cfg.seed, past)
+        for m in shipped:  # score, and drift from QLoRA as trained on the same items [interval]
+            drift = paired_difference(items[task][m], items[task]["qlora"], seed=cfg.seed)
+            tasks[task].update(
+                {m: res[m]["value"], f"{m}_stderr": res[m]["stderr"], f"{m}_drift": drift}
+            )
+    verdict, reasons, found_conditions = gate.check(tasks, cfg.report.gate)
     metrics = {
         "tasks": tasks,
         "verdict": verdict,
         "reasons": reasons,
+        "conditions": found_conditions,
         "gate": dataclasses.asdict(cfg.report.gate),
         "accepted": accepted_from,
+        "anchor": past_runs["anchor"][1],
         "protocol": protocol,
         "test_set": test_set,
         "footprint_mb": {m: e["footprint_bytes"] / 2**20 for m, e in evaluated.items()},
@@ -291,9 +366,11 @@ def build_report(
         )
         plots.gap_bars(
             {t: (v["gap"], v["gap_ci_low"], v["gap_ci_high"]) for t, v in tasks.items()},
+            cfg.report.gate.max_drop_vs_lora,
             tmp / "gap.png",
         )
         atomic_write_text(tmp / "scores.csv", scores_csv(tasks))
+        atomic_write_text(tmp / "items.csv", items_csv(items, keys))
         write_json(tmp / "metrics.json", metrics)
     write_documents(
         cfg, data_dir, adapters_dir, out_dir, Path(exports_dir) if exports_dir else None
@@ -423,6 +500,7 @@ def write_documents(
     adapters_dir: Path,
     out_dir: Path,
     exports_dir: Path | None,
+    runs_dir: Path | None = None,
 ) -> None:
     """Render report.md and report.html from the written figures and the run records.
 
@@ -432,54 +510,34 @@ def write_documents(
     metrics = read_json(out_dir / "metrics.json")
     trains = {m: read_json(adapters_dir / m / "train_metrics.json") for m in METHODS}
     manifest = read_json(data_dir / "manifest.json")
-    runs = read_records(cfg.paths.runs)
-    tasks, verdict, reasons = metrics["tasks"], metrics["verdict"], metrics["reasons"]
-    merged = any("merged" in t for t in tasks.values())
-    merged_head = ("QLoRA merged (bf16)",) if merged else ()
+    runs = read_records(runs_dir or cfg.paths.runs)
+    tasks, verdict = metrics["tasks"], metrics["verdict"]
     g = cfg.report.gate
     first_name = cfg.eval.tasks[0]
-    first = tasks[first_name]
     blocks: list[Block] = [
         Block("h1", cfg.report.title),
-        Block(
-            "p",
-            f"QLoRA keeps {_fmt(first['retention'] * 100, 0)}% of LoRA's gain over the base model "
-            f"on {first_name} (QLoRA − LoRA = {first['gap']:+.3f}, 95% CI "
-            f"[{first['gap_ci_low']:+.3f}, {first['gap_ci_high']:+.3f}]). Quality gate: {verdict}"
-            + (f" ({'; '.join(reasons)})." if reasons else "."),
-        ),
+        *verdict_blocks(metrics, first_name, runs),
         Block("h2", "Quality"),
         Block(
             "table",
             headers=(
-                "task",
-                "metric",
+                "task (metric, n)",
                 "base",
                 "QLoRA",
                 "LoRA",
-                *merged_head,
                 "QLoRA − LoRA [95% CI]",
                 "McNemar p",
                 "retention [95% CI]",
-                "Δ QLoRA vs accepted",
-                "Δ LoRA vs accepted",
+                "Δ vs accepted (QLoRA / LoRA)",
             ),
             rows=tuple(
                 (
-                    task,
-                    f"{t['metric']} (n={t['n']})",
+                    f"{task} ({t['metric']}, n={t['n']})",
                     *(f"{t[m]:.3f} ± {_fmt(t[f'{m}_stderr'])}" for m in MODELS),
-                    *(
-                        (f"{t['merged']:.3f} ({t['merged_minus_qlora']:+.3f} vs QLoRA)",)
-                        if merged
-                        else ()
-                    ),
                     f"{t['gap']:+.3f} [{t['gap_ci_low']:+.3f}, {t['gap_ci_high']:+.3f}]",
                     _fmt(t["mcnemar"]["p_value"]) if t["mcnemar"] else "n/a (not 0/1)",
-                    f"{_fmt(t['retention'], 2)} [{_fmt(t['retention_ci_low'], 2)}, "
-                    f"{_fmt(t['retention_ci_high'], 2)}]",
-                    _signed(t["qlora_vs_accepted"]),
-                    _signed(t["lora_vs_accepted"]),
+                    retention_text(t),
+                    f"{_signed(t['qlora_vs_accepted'])} / {_signed(t['lora_vs_accepted'])}",
                 )
                 for task, t in tasks.items()
             ),
@@ -488,38 +546,29 @@ def write_documents(
             "p",
             "Scores are mean ± standard error from lm-eval. Intervals: paired bootstrap over "
             "test items (2000 resamples). McNemar: exact two-sided test of QLoRA vs LoRA on the "
-            "items where exactly one is right. Retention = (QLoRA − base) / (LoRA − base). "
-            f"Accepted run: {metrics['accepted']}.",
+            "items where exactly one is right. Retention = (QLoRA − base) / (LoRA − base), defined "
+            f"only when LoRA's gain is significant. Accepted run: {metrics['accepted']}.",
         ),
+        *shipped_blocks(tasks),
         Block("img", "gap.png"),
         Block("img", "scores.png"),
         Block("h2", f"Quality gate: {verdict}"),
         Block(
             "table",
-            headers=("condition", "threshold"),
-            rows=(
-                ("tasks", ", ".join(g.tasks or cfg.eval.tasks)),
-                ("QLoRA and LoRA gain over base ≥", str(g.min_gain_over_base)),
-                ("retention ≥", str(g.min_retention)),
-                ("QLoRA − LoRA ≥", str(-g.max_drop_vs_lora)),
-                ("QLoRA − accepted QLoRA ≥", str(g.min_gain_vs_accepted)),
-                ("enforced (run exits non-zero on FAIL)", "yes" if g.enforce else "no"),
-            ),
-        ),
-        Block("p", "Failed: " + "; ".join(reasons) if reasons else "Every condition holds."),
-        *performance_blocks(runs, trains, metrics),
-        *export_blocks(exports_dir),
-        Block("h2", "Settings that differ between the two runs"),
-        Block(
-            "table",
-            headers=("key (methods.*)", "QLoRA", "LoRA"),
-            rows=tuple(config_diff(cfg.methods["qlora"], cfg.methods["lora"])),
+            headers=("task", "condition", "estimate [95% CI]", "rule", "verdict"),
+            rows=tuple(condition_row(c) for c in metrics["conditions"]),
         ),
         Block(
             "p",
-            "Everything else is shared: data, seed, data order, LoRA settings (train.lora), "
-            "schedule and evaluation.",
+            "Each condition is decided on its 95% interval, never on the point estimate: a "
+            "required gain must hold at the interval's lower bound, and a drop fails only when "
+            "the whole interval is below the tolerated margin. "
+            + ("Enforced: `qlora-pipeline run` exits 3 on FAIL." if g.enforce else "Not enforced.")
+            + f" Anchor for cumulative drift: {metrics.get('anchor', 'n/a')}.",
         ),
+        *performance_blocks(runs, trains, metrics),
+        *export_blocks(exports_dir),
+        *settings_blocks(cfg, trains),
         Block("h2", "Evaluation protocol"),
         Block(
             "table",
@@ -556,6 +605,123 @@ def write_documents(
     ]
     atomic_write_text(out_dir / "report.md", to_markdown(blocks))
     atomic_write_text(out_dir / "report.html", to_html(blocks, cfg.report.title, out_dir))
+
+
+def settings_blocks(cfg: PipelineConfig, trains: dict[str, dict]) -> list[Block]:
+    """What differs between the arms: the dtypes of the models as loaded for training (read off
+    the modules, so an unintended difference shows), then the config keys."""
+    loaded = {m: trains[m].get("loaded_dtypes") or {} for m in METHODS}
+    parts = sorted(set(loaded["qlora"]) | set(loaded["lora"]))
+    rows = [
+        (
+            part,
+            loaded["qlora"].get(part, "—"),
+            loaded["lora"].get(part, "—"),
+            "differs" if loaded["qlora"].get(part) != loaded["lora"].get(part) else "same",
+        )
+        for part in parts
+    ]
+    return [
+        Block("h2", "What differs between the two arms"),
+        Block("table", headers=("loaded model, by part", "QLoRA", "LoRA", ""), rows=tuple(rows)),
+        Block(
+            "table",
+            headers=("config key (methods.*)", "QLoRA", "LoRA"),
+            rows=tuple(config_diff(cfg.methods["qlora"], cfg.methods["lora"])),
+        ),
+        Block(
+            "p",
+            "The first table is read off the models as loaded for training. With "
+            f"train.upcast_non_quantized={cfg.train.upcast_non_quantized} both arms get one "
+            "precision policy, so only the linear weights should differ (4-bit vs 16-bit). "
+            "Everything else is shared: data, seed, data order, LoRA settings (train.lora), "
+            "schedule and evaluation.",
+        ),
+    ]
+
+
+def shipped_blocks(tasks: dict[str, dict[str, Any]]) -> list[Block]:
+    """What ships, scored with the same harness settings, and each form's drift from the QLoRA
+    model as trained, paired on the same items."""
+    rows = []
+    for task, t in tasks.items():
+        for m, label in SHIPPED.items():
+            if m not in t:
+                continue
+            drift = t.get(f"{m}_drift")
+            rows.append(
+                (
+                    task,
+                    label,
+                    f"{t[m]:.3f} ± {_fmt(t[f'{m}_stderr'])}",
+                    "—"
+                    if m == "qlora"
+                    else f"{drift['estimate']:+.3f} [{drift['ci_low']:+.3f}, {drift['ci_high']:+.3f}]"
+                    if drift
+                    else f"{t[m] - t['qlora']:+.3f} (other arm)",
+                )
+            )
+    return [
+        Block("h2", "What ships"),
+        Block(
+            "table",
+            headers=("task", "artifact", "score", "drift from QLoRA as trained [95% CI]"),
+            rows=tuple(rows),
+        ),
+        Block(
+            "p",
+            "The same harness settings for every artifact. Drift: paired bootstrap over the same "
+            "test items. LoRA is the other arm (its difference is the quality gap above).",
+        ),
+    ]
+
+
+def retention_text(t: dict[str, Any]) -> str:
+    if t["retention"] is None or t["retention"] != t["retention"]:
+        return "undefined (LoRA gain not significant)"
+    dropped = t.get("retention_dropped") or 0
+    return (
+        f"{_fmt(t['retention'], 2)} [{_fmt(t['retention_ci_low'], 2)}, "
+        f"{_fmt(t['retention_ci_high'], 2)}]"
+        + (f" ({dropped} resamples dropped)" if dropped else "")
+    )
+
+
+def condition_row(c: dict[str, Any]) -> tuple[str, ...]:
+    if c["estimate"] is None:
+        figures = "n/a"
+    else:
+        figures = f"{c['estimate']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
+    rule = (
+        "not gated (threshold null)"
+        if c["threshold"] is None
+        else f"{c['rule']} {c['threshold']:+.3f}"
+    )
+    note = f" ({c['note']})" if c["note"] else ""
+    return (c["task"], c["condition"] + note, figures, rule, c["verdict"])
+
+
+def verdict_blocks(metrics: dict[str, Any], task: str, runs: dict[str, dict]) -> list[Block]:
+    """The verdict banner and the headline numbers: what a reader needs first."""
+    t = metrics["tasks"][task]
+    fp = metrics["footprint_mb"]
+    speed = [float(runs.get(f"train@{m}", {}).get("tokens_per_s") or 0.0) for m in METHODS]
+    lines = [
+        f"QLoRA − LoRA on {task}: {t['gap']:+.3f} [{t['gap_ci_low']:+.3f}, {t['gap_ci_high']:+.3f}]",
+        f"retention: {retention_text(t)}",
+        f"QLoRA / LoRA model footprint: {fp['qlora'] / fp['lora']:.2f}",
+    ]
+    if all(speed):
+        lines.append(f"QLoRA / LoRA training tokens/s: {speed[0] / speed[1]:.2f} (this machine)")
+    reasons = metrics["reasons"]
+    return [
+        Block(
+            "verdict",
+            f"Quality gate: {metrics['verdict']}"
+            + (": " + "; ".join(reasons) if reasons else " — every condition holds"),
+        ),
+        Block("list", rows=tuple((line,) for line in lines)),
+    ]
 
 
 def protocol_rows(protocol: dict[str, Any], test_set: str | None) -> tuple[tuple[str, str], ...]:

@@ -17,9 +17,11 @@ def paired_bootstrap(
 ) -> dict[str, float]:
     """Bootstrap over test items (resampled jointly for the three models).
 
-    Returns the QLoRA−LoRA gap and the retention ratio (QLoRA gain over base ÷ LoRA gain over base),
-    each with a (1 − alpha) percentile interval. Resamples where LoRA gains nothing are skipped
-    for the ratio.
+    Returns the QLoRA−LoRA gap, each arm's gain over base, and the retention ratio (QLoRA gain
+    over base ÷ LoRA gain over base), each with a (1 − alpha) percentile interval. Resamples where
+    LoRA gains nothing are dropped for the ratio and counted (`retention_dropped`). Retention is
+    defined only when LoRA's gain is significantly positive (its interval's lower bound > 0);
+    otherwise it is NaN, not a ratio of noise.
     """
     n = len(base)
     if not (len(qlora) == len(lora) == n) or n == 0:
@@ -36,13 +38,50 @@ def paired_bootstrap(
         "gap": float(qlora.mean() - lora.mean()),
         "gap_ci_low": float(np.percentile(gap, lo_q)),
         "gap_ci_high": float(np.percentile(gap, hi_q)),
-        "retention": float((qlora.mean() - base.mean()) / lora_gain) if lora_gain else float("nan"),
-        "retention_ci_low": float(np.percentile(ratio, lo_q)) if ratio.size else float("nan"),
-        "retention_ci_high": float(np.percentile(ratio, hi_q)) if ratio.size else float("nan"),
-        "confidence": 1 - alpha,
-        "iters": iters,
     }
+    for arm, resampled, scores in (("qlora", q, qlora), ("lora", lo, lora)):
+        out[f"{arm}_gain"] = float(scores.mean() - base.mean())
+        out[f"{arm}_gain_ci_low"] = float(np.percentile(resampled - b, lo_q))
+        out[f"{arm}_gain_ci_high"] = float(np.percentile(resampled - b, hi_q))
+    defined = out["lora_gain_ci_low"] > 0 and ratio.size > 0
+    nan = float("nan")
+    out.update(
+        retention=float((qlora.mean() - base.mean()) / lora_gain) if defined else nan,
+        retention_ci_low=float(np.percentile(ratio, lo_q)) if defined else nan,
+        retention_ci_high=float(np.percentile(ratio, hi_q)) if defined else nan,
+        retention_dropped=int(iters - ok.sum()),
+        confidence=1 - alpha,
+        iters=iters,
+    )
     return out
+
+
+def paired_difference(
+    new: np.ndarray, old: np.ndarray, iters: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, float]:
+    """mean(new) − mean(old) on the same items, with a paired-bootstrap percentile interval."""
+    if len(new) != len(old) or len(new) == 0:
+        raise ValueError("paired scores must be non-empty and of equal length")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(new), size=(iters, len(new)))
+    diff = new[idx].mean(1) - old[idx].mean(1)
+    return {
+        "estimate": float(new.mean() - old.mean()),
+        "ci_low": float(np.percentile(diff, 100 * alpha / 2)),
+        "ci_high": float(np.percentile(diff, 100 * (1 - alpha / 2))),
+    }
+
+
+def unpaired_difference(
+    new: float, new_se: float, old: float, old_se: float, alpha: float = 0.05
+) -> dict[str, float]:
+    """new − old for independent samples (no per-item pairing): normal interval from the two
+    standard errors. Wider than the paired one; the fallback when the items cannot be paired."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    half = z * math.sqrt(new_se**2 + old_se**2)
+    return {"estimate": new - old, "ci_low": new - old - half, "ci_high": new - old + half}
 
 
 def is_binary(scores: np.ndarray) -> bool:

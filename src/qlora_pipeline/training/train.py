@@ -20,6 +20,7 @@ from qlora_pipeline.modeling.load import (
     attach_lora,
     base_source,
     compute_dtype,
+    dtype_summary,
     load_base,
     load_tokenizer,
 )
@@ -182,9 +183,18 @@ def train(
     t0 = time.perf_counter()
     model = load_base(base_dir, method, trust)
     base_footprint = model.get_memory_footprint()
+    qlora_quant = cfg.methods["qlora"].quantization
     model = attach_lora(
-        model, t.lora, method, cfg.seed, t.gradient_checkpointing, base_source(base_dir)[0]
+        model,
+        t.lora,
+        method,
+        cfg.seed,
+        t.gradient_checkpointing,
+        base_source(base_dir)[0],
+        upcast=t.upcast_non_quantized,
+        skip_modules=qlora_quant.skip_modules if qlora_quant else ["lm_head"],
     )
+    loaded = dtype_summary(model)
     trainable, total = model.get_nb_trainable_parameters()
     pin_bnb_kernels(model)  # an eval mid-training must not repack: bitwise resume
     splits = load_from_disk(str(dataset_dir))
@@ -250,6 +260,7 @@ def train(
         "optimizer": method.optimizer,
         "optimizer_paging": paging,
         "gradient_checkpointing": t.gradient_checkpointing,
+        "loaded_dtypes": loaded,
         "steps": int(trainer.state.global_step),
         "trainable_params": int(trainable),
         "total_params": int(total),
