@@ -74,6 +74,13 @@ def compute_dtype(name: str) -> str:
     return name
 
 
+def method_compute_dtype(method: MethodConfig) -> str:
+    """The dtype an arm really computes in: its 4-bit compute dtype, or its base dtype."""
+    return compute_dtype(
+        method.quantization.compute_dtype if method.quantization else method.base_dtype
+    )
+
+
 def bnb_config(q: QuantizationConfig) -> Any:
     """The QLoRA quantization: 4-bit weights (NF4 by default), optional double quantization,
     the storage dtype of the packed weights (bfloat16 for FSDP), and modules left unquantized."""
@@ -157,23 +164,21 @@ def dtype_summary(model: Any) -> dict[str, str]:
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         for pname, param in module.named_parameters(recurse=False):
+            dtype = str(param.dtype).removeprefix("torch.")
             if "lora_" in name:
-                add("LoRA adapter weights", str(param.dtype).removeprefix("torch."))
+                add("LoRA adapter weights", dtype)
             elif param.__class__.__name__ == "Params4bit":
                 add("linear weights", f"4-bit {param.quant_type}")
             elif isinstance(module, torch.nn.Embedding):
-                add("embeddings", str(param.dtype).removeprefix("torch."))
+                add("embeddings", dtype)
             elif "norm" in type(module).__name__.lower():
-                add("norms", str(param.dtype).removeprefix("torch."))
+                add("norms", dtype)
             elif isinstance(module, torch.nn.Linear) and leaf == "lm_head":
-                add("lm_head", str(param.dtype).removeprefix("torch."))
+                add("lm_head", dtype)
             elif isinstance(module, torch.nn.Linear):
-                add(
-                    "linear weights" if pname == "weight" else "linear biases",
-                    str(param.dtype).removeprefix("torch."),
-                )
+                add("linear weights" if pname == "weight" else "linear biases", dtype)
             else:
-                add("other", str(param.dtype).removeprefix("torch."))
+                add("other", dtype)
     return {part: ", ".join(sorted(values)) for part, values in sorted(parts.items())}
 
 

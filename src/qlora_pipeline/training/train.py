@@ -19,10 +19,10 @@ from qlora_pipeline.files import atomic_dir, atomic_write_text, read_json, sha25
 from qlora_pipeline.modeling.load import (
     attach_lora,
     base_source,
-    compute_dtype,
     dtype_summary,
     load_base,
     load_tokenizer,
+    method_compute_dtype,
 )
 from qlora_pipeline.runtime import device_name, log, pin_bnb_kernels
 from qlora_pipeline.tracking.perf import note
@@ -34,9 +34,7 @@ def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) 
     from transformers import TrainingArguments
 
     t, method = cfg.train, cfg.methods[method_name]
-    compute = compute_dtype(
-        method.quantization.compute_dtype if method.quantization else method.base_dtype
-    )
+    compute = method_compute_dtype(method)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=t.max_steps,
@@ -184,6 +182,7 @@ def train(
     model = load_base(base_dir, method, trust)
     base_footprint = model.get_memory_footprint()
     qlora_quant = cfg.methods["qlora"].quantization
+    assert qlora_quant is not None  # the schema requires it
     model = attach_lora(
         model,
         t.lora,
@@ -192,7 +191,7 @@ def train(
         t.gradient_checkpointing,
         base_source(base_dir)[0],
         upcast=t.upcast_non_quantized,
-        skip_modules=qlora_quant.skip_modules if qlora_quant else ["lm_head"],
+        skip_modules=qlora_quant.skip_modules,
     )
     loaded = dtype_summary(model)
     trainable, total = model.get_nb_trainable_parameters()
@@ -254,7 +253,7 @@ def train(
     metrics = {
         "method": method_name,
         "base_dtype": method.base_dtype,
-        "compute_dtype": compute_dtype(quant.compute_dtype if quant else method.base_dtype),
+        "compute_dtype": method_compute_dtype(method),
         "quantization": None if quant is None else dataclasses.asdict(quant),
         "lora": dataclasses.asdict(t.lora),
         "optimizer": method.optimizer,
