@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from qlora_pipeline.files import seed_dir
 from qlora_pipeline.runtime import pin_cpu
 
 pin_cpu("avx2", 2)  # as every stage does, before torch is imported: the same bytes as the CLI
@@ -85,6 +86,11 @@ def tiny_data(tiny_cfg, tiny_base, tiny_tokenizer):
     return Path(tiny_cfg.paths.data)
 
 
+def adapter_dir(cfg, method: str) -> Path:
+    """Where the train stage puts a method's adapter of the first (shipped) training seed."""
+    return seed_dir(Path(cfg.paths.adapters) / method, cfg.seeds[0])
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_cfg, tiny_base, tiny_data):
     """Both methods trained in-process; returns {method: (metrics, in-memory model)}."""
@@ -102,7 +108,12 @@ def trained(tiny_cfg, tiny_base, tiny_data):
         train_mod.attach_lora = spy
         try:
             metrics = train_mod.train(
-                tiny_cfg, method, tiny_base, tiny_data, Path(tiny_cfg.paths.adapters) / method
+                tiny_cfg,
+                method,
+                tiny_cfg.seeds[0],
+                tiny_base,
+                tiny_data,
+                adapter_dir(tiny_cfg, method),
             )
         finally:
             train_mod.attach_lora = original

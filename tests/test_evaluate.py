@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import adapter_dir
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.evaluation.evaluate import DEFAULT_TASKS_DIR, resolve_tasks
@@ -82,3 +86,32 @@ def test_our_gsm8k_task_scores_as_lm_evals_own_gsm8k(manager, tmp_path):
         assert ours["generation_kwargs"][key] == theirs["generation_kwargs"][key]
     assert ours["generation_kwargs"]["max_gen_toks"] == 256
     assert ours["dataset_path"] == "json" and ours["doc_to_target"] == theirs["doc_to_target"]
+
+
+def _samples(folder: Path) -> list[tuple[int, list]]:
+    rows = (folder / "samples_qlora_synthetic_qa.jsonl").read_text().splitlines()
+    return [(r["doc_id"], r["filtered_resps"]) for r in map(json.loads, rows)]
+
+
+def test_an_arm_scores_every_seed_on_one_base_as_if_loaded_alone(
+    tiny_cfg, tiny_base, tiny_data, trained, tmp_path
+):
+    """The arm's seeds share one loaded base, their adapters put on and taken off in turn: the
+    second seed's answers are those of a base that never held the first seed's adapter."""
+    from qlora_pipeline.evaluation.evaluate import evaluate
+    from qlora_pipeline.training.train import train
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.paths.adapters = str(tmp_path / "adapters")
+    cfg.train.max_steps, cfg.train.eval_steps, cfg.train.save_steps = 30, None, None
+    shutil.copytree(adapter_dir(tiny_cfg, "lora"), tmp_path / "adapters/lora/seed0")
+    train(cfg, "lora", 1, tiny_base, tiny_data, tmp_path / "adapters/lora/seed1")
+    cfg.seeds = [0, 1]
+    both = evaluate(cfg, "lora", tiny_base, tiny_data, cfg.paths.adapters, tmp_path / "both")
+    cfg.seeds = [1]
+    (alone,) = evaluate(cfg, "lora", tiny_base, tiny_data, cfg.paths.adapters, tmp_path / "alone")
+    assert [m["seed"] for m in both] == [0, 1] and alone["seed"] == 1
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == ["seed0", "seed1"]
+    assert _samples(tmp_path / "both/seed1") == _samples(tmp_path / "alone/seed1")
+    assert _samples(tmp_path / "both/seed0") != _samples(tmp_path / "both/seed1")
+    assert both[1]["tasks"] == alone["tasks"]

@@ -65,7 +65,10 @@ def test_report_names_both_methods_and_fine_tuning_beats_base(project):
     assert "QLoRA" in report and "LoRA" in report and "paged_adamw_32bit" in report
     assert "McNemar p" in report and "no accepted run yet" in report
     assert report.splitlines()[2].startswith("> **Quality gate: ")  # the verdict banner first
-    assert "## What ships" in report and "QLoRA adapter on the bf16 base" in report
+    assert "pooled over seeds 0, 1; per seed " in report  # the gap, then the noise floor
+    assert "- noise floor (same arm, another seed): |Δ| up to " in report
+    assert "## Seeds and the noise floor" in report and "| LoRA | 1 vs 0 |" in report
+    assert "## What ships (seed 0)" in report and "QLoRA adapter on the bf16 base" in report
     assert "## Merged export" in report
     html = (project / "reports/report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
@@ -75,11 +78,20 @@ def test_report_names_both_methods_and_fine_tuning_beats_base(project):
         assert task["qlora"] > task["base"] + 0.3, name
         assert task["lora"] > task["base"] + 0.3, name
         assert task["gap_ci_low"] <= task["gap"] <= task["gap_ci_high"]
-        assert 0 <= task["mcnemar"]["p_value"] <= 1 and task["qlora_vs_accepted"] is None
-        for shipped in ("merged", "qlora_on_bf16"):  # scored, with a paired interval of the drift
-            drift = task[f"{shipped}_drift"]
-            assert drift["ci_low"] <= drift["estimate"] <= drift["ci_high"], shipped
-        assert abs(task["merged_drift"]["estimate"]) <= 0.1, name  # the export keeps the score
+        assert task["qlora_vs_accepted"] is None
+        # both arms per seed; pooled = item means over seeds, so the gap is the seeds' mean gap
+        assert [s["seed"] for s in task["per_seed"]] == [0, 1]
+        gaps = [s["gap"]["estimate"] for s in task["per_seed"]]
+        assert task["gap"] == pytest.approx(sum(gaps) / 2)
+        assert all(0 <= s["mcnemar"]["p_value"] <= 1 for s in task["per_seed"])
+        floor = [abs(d["estimate"]) for arm in ("qlora", "lora") for d in task["same_arm"][arm]]
+        assert len(floor) == 2 and task["noise_floor"] == max(floor)
+        shipped = task["shipped"]
+        assert shipped["seed"] == 0 and shipped["qlora"]["value"] == task["per_seed"][0]["qlora"]
+        for form in ("merged", "qlora_on_bf16"):  # scored, with a paired interval of the drift
+            drift = shipped[form]["drift"]
+            assert drift["ci_low"] <= drift["estimate"] <= drift["ci_high"], form
+        assert abs(shipped["merged"]["drift"]["estimate"]) <= 0.1, name  # the export keeps it
     assert metrics["verdict"] in ("PASS", "FAIL") and metrics["optimizer"]["qlora"]
     conditions = {(c["task"], c["condition"]): c for c in metrics["conditions"]}
     gain = conditions[("qlora_synthetic_qa", "QLoRA gain over base")]
@@ -128,10 +140,17 @@ def test_report_html_renders_in_headless_chromium(project):
 def test_run_records_hold_what_differs_per_machine(project):
     """Timings, speed, memory and the environment are in runs/, never in DVC-hashed outputs."""
     runs = {p.stem: json.loads(p.read_text()) for p in (project / "runs").glob("*.json")}
-    assert {"bootstrap", "prepare", "train@qlora", "train@lora", "evaluate@base", "report"} <= set(
-        runs
-    )
-    train = runs["train@qlora"]
+    assert {
+        "bootstrap",
+        "prepare",
+        "train@qlora-0",
+        "train@lora-0",
+        "train@qlora-1",
+        "train@lora-1",
+        "evaluate@base",
+        "report",
+    } <= set(runs)
+    train = runs["train@qlora-0"]
     assert (
         train["tokens_per_s"] > 0 and train["wall_s"] > 0 and train["steps"][0]["tokens_per_s"] > 0
     )
@@ -140,12 +159,12 @@ def test_run_records_hold_what_differs_per_machine(project):
     assert env["libraries"]["torch"] and len(env["config_sha256"]) == 64
     for path in [
         project / "models/base/base.json",
-        *project.glob("models/adapters/*/train_metrics.json"),
+        *project.glob("models/adapters/*/seed*/train_metrics.json"),
     ]:
         assert not {"wall_s", "tokens_per_s", "peak_rss_mb", "train_runtime_s"} & set(
             json.loads(path.read_text())
         )
-    results = json.loads((project / "results/eval/qlora/results.json").read_text())
+    results = json.loads((project / "results/eval/qlora/seed1/results.json").read_text())
     assert not {"date", "pretty_env_info", "git_hash", "total_evaluation_time_seconds"} & set(
         results
     )
@@ -175,11 +194,12 @@ def test_flow_ran_stages_in_dvc_dag_order_and_dvc_is_clean(project):
 
 
 def test_saved_adapter_reproduces_the_evaluated_outputs(project):
-    """PeftModel.from_pretrained on the shipped adapter gives the logits behind lm-eval's answers."""
+    """PeftModel.from_pretrained on a saved adapter gives the answers lm-eval scored; the second
+    seed's, which the evaluation put on a base that had held the first seed's adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_dir, adapter = project / "models/base", project / "models/adapters/lora"
+    base_dir, adapter = project / "models/base", project / "models/adapters/lora/seed1"
     tok = AutoTokenizer.from_pretrained(base_dir)
     model = PeftModel.from_pretrained(
         # bf16 weights computed in fp32, as the pinned CPU kernels evaluate them (exact upcast)
@@ -188,7 +208,7 @@ def test_saved_adapter_reproduces_the_evaluated_outputs(project):
     ).eval()
     rows = [
         json.loads(line)
-        for line in (project / "results/eval/lora/samples_qlora_synthetic_qa.jsonl")
+        for line in (project / "results/eval/lora/seed1/samples_qlora_synthetic_qa.jsonl")
         .read_text()
         .splitlines()
     ][:8]

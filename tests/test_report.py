@@ -13,15 +13,14 @@ from conftest import ROOT
 
 from qlora_pipeline.config.schema import GateConfig
 from qlora_pipeline.reporting import gate
+from qlora_pipeline.reporting.document import Block, to_html, to_markdown
+from qlora_pipeline.reporting.figures import per_sample_scores, task_figures
 from qlora_pipeline.reporting.history import accepted_metrics, items_csv, read_items
-from qlora_pipeline.reporting.report import (
-    Block,
+from qlora_pipeline.reporting.sections import (
     config_diff,
-    per_sample_scores,
+    noise_floor_text,
     retention_text,
-    task_figures,
-    to_html,
-    to_markdown,
+    seed_blocks,
 )
 from qlora_pipeline.reporting.stats import mcnemar, paired_bootstrap
 
@@ -121,16 +120,12 @@ def test_paired_bootstrap_interval_matches_scipy():
 
 
 def _figures(base: np.ndarray, qlora: np.ndarray, lora: np.ndarray, **past) -> dict:
-    """A task's figures as the report computes them from per-item scores."""
-    res = {
-        m: {"metric": "exact_match,strict", "n": len(v), "value": float(v.mean()), "stderr": 0.03}
-        for m, v in (("base", base), ("qlora", qlora), ("lora", lora))
-    }
+    """A task's figures as the report computes them from per-item scores (one training seed)."""
     past = {
         "accepted": past.get("accepted", (None, None)),
         "anchor": past.get("anchor", (None, None)),
     }
-    return task_figures({"base": base, "qlora": qlora, "lora": lora}, res, 0, past)
+    return task_figures(base, {"qlora": [qlora], "lora": [lora]}, [0], "exact_match,strict", past)
 
 
 def _hits(n_right: int, n: int = 200) -> np.ndarray:
@@ -139,6 +134,7 @@ def _hits(n_right: int, n: int = 200) -> np.ndarray:
 
 BASE = np.zeros(200)
 TRAINED = _hits(150)  # 0.75
+_NO_PAST: dict = {"accepted": (None, None), "anchor": (None, None)}
 
 
 def _verdicts(figures: dict, gate_cfg: GateConfig | None = None) -> dict[str, str]:
@@ -197,6 +193,21 @@ def test_the_gate_catches_slow_drift_past_the_cumulative_budget():
     )
 
 
+def test_the_accepted_runs_shipped_score_is_read_in_either_layout():
+    """Unpaired, the shipped QLoRA is compared: `shipped.qlora` in runs with training seeds,
+    the task's `qlora` figure in runs from before them (one seed, the one that shipped)."""
+    now = _hits(140)
+    old = _figures(BASE, now, now, accepted=({"qlora": 0.75, "qlora_stderr": 0.03}, None))
+    new = _figures(
+        BASE,
+        now,
+        now,
+        accepted=({"qlora": 0.1, "shipped": {"qlora": {"value": 0.75, "stderr": 0.03}}}, None),
+    )
+    assert old["vs_accepted"] == new["vs_accepted"]
+    assert old["vs_accepted"]["estimate"] == pytest.approx(0.70 - 0.75)
+
+
 def test_without_per_item_scores_the_comparison_is_unpaired_and_wider():
     paired = _figures(
         BASE, _hits(149), TRAINED, accepted=({"qlora": 0.75, "qlora_stderr": 0.0306}, TRAINED)
@@ -229,6 +240,44 @@ def test_non_inferiority_uses_the_lower_bound():
     verdicts = _verdicts(_figures(BASE, qlora, lora))
     assert verdicts["QLoRA − LoRA (non-inferiority)"] == "FAIL"
     assert _verdicts(_figures(BASE, lora.copy(), lora))["QLoRA − LoRA (non-inferiority)"] == "PASS"
+
+
+def _flip(scores: np.ndarray, items: range) -> np.ndarray:
+    out = scores.copy()
+    out[list(items)] = 1 - out[list(items)]
+    return out
+
+
+def test_seeds_give_the_gap_per_seed_pooled_and_the_noise_floor():
+    """Two seeds: each seed's gap on its own pair, the pooled gap on item means over seeds, and
+    the noise floor from each arm against itself (hand-counted flips)."""
+    q0, lo0 = _hits(150), _hits(140)
+    q1 = _flip(q0, range(140, 146))  # 6 right items wrong: −0.030 against seed 0
+    lo1 = _flip(lo0, range(140, 150))  # 10 wrong items right: +0.050
+    t = task_figures(
+        BASE, {"qlora": [q0, q1], "lora": [lo0, lo1]}, [3, 8], "exact_match,strict", _NO_PAST
+    )
+    assert [s["seed"] for s in t["per_seed"]] == [3, 8]
+    assert [s["gap"]["estimate"] for s in t["per_seed"]] == pytest.approx([0.05, -0.03])
+    assert t["gap"] == pytest.approx((0.05 - 0.03) / 2)  # pooled: item means over seeds
+    assert t["qlora"] == pytest.approx((0.75 + 0.72) / 2) and t["lora"] == pytest.approx(0.725)
+    floor = {arm: d[0] for arm, d in t["same_arm"].items()}
+    assert floor["qlora"]["seeds"] == [3, 8] and floor["qlora"]["estimate"] == pytest.approx(-0.03)
+    assert floor["lora"]["estimate"] == pytest.approx(0.05)
+    assert floor["lora"]["ci_low"] > 0  # 10 items, all one way: significant
+    assert t["noise_floor"] == pytest.approx(0.05)
+    assert t["shipped"]["seed"] == 3 and t["shipped"]["qlora"]["value"] == pytest.approx(0.75)
+    assert t["per_seed"][0]["mcnemar"]["a_only"] == 10  # McNemar per seed, on 0/1 scores
+    assert "LoRA seed 8 vs 3 +0.050" in noise_floor_text(t)
+    text = to_markdown(seed_blocks({"tasks": {"t": t}}))
+    assert "| t | LoRA | 8 vs 3 | +0.050 [" in text and "| t | 8 | 0.720 | 0.750 | -0.030 [" in text
+
+
+def test_one_seed_has_no_noise_floor_and_says_so():
+    t = _figures(BASE, TRAINED, TRAINED)
+    assert t["noise_floor"] is None and t["same_arm"] == {"qlora": [], "lora": []}
+    assert noise_floor_text(t).startswith("noise floor: not measured (one training seed")
+    assert "Set `seeds` to two or more" in to_markdown(seed_blocks({"tasks": {"t": t}}))
 
 
 def test_gate_only_checks_the_gated_tasks():

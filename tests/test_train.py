@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import adapter_dir
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.modeling.load import attach_lora, load_adapted, load_base
@@ -74,7 +74,7 @@ def test_invalid_target_modules_fail_before_training(tiny_cfg, tiny_base):
 def test_training_lowers_loss_and_writes_outputs(trained, tiny_cfg, method):
     metrics, _ = trained[method]
     assert metrics["final_loss"] < 0.5 * metrics["first_loss"]
-    out = Path(tiny_cfg.paths.adapters) / method
+    out = adapter_dir(tiny_cfg, method)
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert not list(out.glob("*.bin"))
     saved = json.loads((out / "train_metrics.json").read_text())
@@ -110,9 +110,7 @@ def test_saved_lora_adapter_reloads_with_identical_logits(
 ):
     _, model = trained["lora"]
     model.eval()
-    reloaded = load_adapted(
-        tiny_base, tiny_cfg.methods["lora"], Path(tiny_cfg.paths.adapters) / "lora"
-    )
+    reloaded = load_adapted(tiny_base, tiny_cfg.methods["lora"], adapter_dir(tiny_cfg, "lora"))
     torch.testing.assert_close(
         _logits(reloaded, tiny_tokenizer), _logits(model, tiny_tokenizer), rtol=0, atol=1e-5
     )
@@ -123,7 +121,7 @@ def test_saved_qlora_adapter_reloads_deterministically_and_close_to_training(
 ):
     _, model = trained["qlora"]
     model.eval()
-    path = Path(tiny_cfg.paths.adapters) / "qlora"
+    path = adapter_dir(tiny_cfg, "qlora")
     first = _logits(load_adapted(tiny_base, tiny_cfg.methods["qlora"], path), tiny_tokenizer)
     second = _logits(load_adapted(tiny_base, tiny_cfg.methods["qlora"], path), tiny_tokenizer)
     torch.testing.assert_close(first, second, rtol=0, atol=0)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import adapter_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -113,7 +114,7 @@ def test_dora_and_loftq_variants_train_and_reload(
     cfg.train.lora = LoraConfig(
         use_dora=variant == "dora", init="loftq" if variant == "loftq" else "default"
     )
-    metrics = train(cfg, "qlora", tiny_base, tiny_data, tmp_path / "out")
+    metrics = train(cfg, "qlora", 0, tiny_base, tiny_data, tmp_path / "out")
     assert metrics["steps"] == 20 and metrics["lora"]["use_dora"] == (variant == "dora")
     saved = json.loads((tmp_path / "out/adapter_config.json").read_text())
     assert saved["use_dora"] == (variant == "dora")
@@ -127,7 +128,7 @@ def test_dora_and_loftq_variants_train_and_reload(
 
 
 def test_step_metrics_and_eval_loss_are_logged(trained, tiny_cfg):
-    out = Path(tiny_cfg.paths.adapters) / "qlora"
+    out = adapter_dir(tiny_cfg, "qlora")
     rows = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(5, 301, 5))
@@ -136,8 +137,9 @@ def test_step_metrics_and_eval_loss_are_logged(trained, tiny_cfg):
         for r in train_rows
     )
     assert [r["step"] for r in rows if "eval_loss" in r] == [100, 200, 300]
-    assert not Path(tiny_cfg.paths.checkpoints, "qlora").exists()  # removed once the adapter is out
-    args = training_arguments(_cfg(tiny_cfg, out, report_to=["tensorboard"]), "qlora", out)
+    # removed once the adapter is out
+    assert not Path(tiny_cfg.paths.checkpoints, "qlora", "seed0").exists()
+    args = training_arguments(_cfg(tiny_cfg, out, report_to=["tensorboard"]), "qlora", 0, out)
     assert args.report_to == ["tensorboard"] and args.gradient_checkpointing_kwargs == {
         "use_reentrant": False
     }
@@ -151,11 +153,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     )
     with pytest.raises(
         PipelineError,
-        match=r"train\[lora\]: loss is (nan|inf) at step (\d+); stopped\. Last good checkpoint kept: .*checkpoint-\d+",
+        match=r"train\[lora seed 0\]: loss is (nan|inf) at step (\d+); stopped\. Last good checkpoint kept: .*checkpoint-\d+",
     ) as err:
-        train(cfg, "lora", tiny_base, tiny_data, tmp_path / "out")
+        train(cfg, "lora", 0, tiny_base, tiny_data, tmp_path / "out")
     bad_step = int(str(err.value).split(" at step ")[1].split(";")[0])
-    kept = sorted(Path(cfg.paths.checkpoints, "lora").glob("checkpoint-*"))
+    kept = sorted(Path(cfg.paths.checkpoints, "lora", "seed0").glob("checkpoint-*"))
     assert kept and all(int(p.name.split("-")[1]) < bad_step for p in kept)
     state = json.loads((kept[-1] / "trainer_state.json").read_text())
     assert all(math.isfinite(e["loss"]) for e in state["log_history"] if "loss" in e)
@@ -165,7 +167,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 def _train_cli(params: Path, *, kill_after: Path | None = None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qlora_pipeline", "--params", str(params), "train", "qlora"],
+        [
+            sys.executable,
+            "-m",
+            "qlora_pipeline",
+            "--params",
+            str(params),
+            "train",
+            "qlora",
+            "--seed",
+            "1",
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -193,23 +205,23 @@ def test_sigkilled_run_resumes_to_the_same_adapter_bitwise(
         files[run] = tmp_path / f"{run}.yaml"
         files[run].write_text(yaml.safe_dump(params))
     assert _train_cli(files["straight"]) == 0
-    ckpts = tmp_path / "killed/checkpoints/qlora"
+    ckpts = tmp_path / "killed/checkpoints/qlora/seed1"
     assert _train_cli(files["killed"], kill_after=ckpts / "checkpoint-20") == -signal.SIGKILL
-    assert not (tmp_path / "killed/adapters/qlora").exists()  # nothing half-written
+    assert not (tmp_path / "killed/adapters/qlora/seed1").exists()  # nothing half-written
     assert sorted(p.name for p in ckpts.glob("checkpoint-*")) in (
         ["checkpoint-10", "checkpoint-20"],
         ["checkpoint-20", "checkpoint-30"],
     )
     assert _train_cli(files["killed"]) == 0  # the same command again: resumes
-    metrics = json.loads((tmp_path / "killed/adapters/qlora/train_metrics.json").read_text())
-    record = json.loads(Path(tiny_cfg.paths.runs, "train@qlora.json").read_text())
+    metrics = json.loads((tmp_path / "killed/adapters/qlora/seed1/train_metrics.json").read_text())
+    record = json.loads(Path(tiny_cfg.paths.runs, "train@qlora-1.json").read_text())
     assert record["resumed_from_step"] in (20, 30) and metrics["steps"] == 40
-    a = load_file(tmp_path / "straight/adapters/qlora/adapter_model.safetensors")
-    b = load_file(tmp_path / "killed/adapters/qlora/adapter_model.safetensors")
+    a = load_file(tmp_path / "straight/adapters/qlora/seed1/adapter_model.safetensors")
+    b = load_file(tmp_path / "killed/adapters/qlora/seed1/adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = [
         json.loads(x)["step"]
-        for x in (tmp_path / "killed/adapters/qlora/steps.jsonl").read_text().splitlines()
+        for x in (tmp_path / "killed/adapters/qlora/seed1/steps.jsonl").read_text().splitlines()
     ]
     assert (
         steps == sorted(steps) and len(steps) == len(set(steps)) + 4
@@ -224,7 +236,7 @@ def test_export_merges_within_tolerance_and_loads_without_peft(
 
     from qlora_pipeline.modeling import export as export_mod
 
-    adapter = Path(tiny_cfg.paths.adapters) / method
+    adapter = adapter_dir(tiny_cfg, method)
     result = export_mod.export(tiny_cfg, method, tiny_base, adapter, tiny_data, tmp_path / "out")
     tol = result["tolerance"]
     assert result["merged_vs_unmerged"]["max_abs_over_max_logit"] <= tol["max_abs_over_max_logit"]
@@ -264,7 +276,7 @@ def test_export_out_of_tolerance_writes_nothing(
             tiny_cfg,
             "qlora",
             tiny_base,
-            Path(tiny_cfg.paths.adapters) / "qlora",
+            adapter_dir(tiny_cfg, "qlora"),
             tiny_data,
             tmp_path / "out",
         )

@@ -18,8 +18,9 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
   qlora-pipeline compose [OVERRIDES...] only write params.yaml (--check: fail if it is out of date)
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
-  bootstrap | prepare | train {qlora,lora} | export {qlora,lora}
+  bootstrap | prepare | train {qlora,lora} [--seed N] | export {qlora,lora} [--seed N]
   evaluate {base,qlora,qlora_on_bf16,merged,lora} | report
+  (train and export default to the first of `seeds`; evaluate qlora/lora scores every seed)
 
 Checks and planning:
   qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
@@ -57,17 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "prepare", help="read or generate the data; clean, split, check, template, tokenize, save"
     )
-    tr = sub.add_parser("train", help="fine-tune LoRA adapters with one method")
+    tr = sub.add_parser("train", help="fine-tune LoRA adapters with one method and seed")
     tr.add_argument("method", choices=["qlora", "lora"])
     ex = sub.add_parser(
         "export", help="merge one method's adapter into the bf16 base, verify, save safetensors"
     )
     ex.add_argument("method", choices=["qlora", "lora"])
-    ev = sub.add_parser("evaluate", help="run lm-eval on one model")
+    for cmd in (tr, ex):
+        cmd.add_argument(
+            "--seed",
+            type=int,
+            help="training seed, one of the config's `seeds` (default: the first, which ships)",
+        )
+    ev = sub.add_parser("evaluate", help="run lm-eval on one model (an arm: every seed)")
     ev.add_argument(
         "model",
         choices=["base", "qlora", "qlora_on_bf16", "merged", "lora"],
-        help="qlora_on_bf16: the QLoRA adapter on the unquantized bf16 base; merged: the QLoRA "
+        help="qlora, lora: the arm as trained, one evaluation per training seed; qlora_on_bf16: "
+        "the shipped QLoRA adapter on the unquantized bf16 base; merged: the shipped QLoRA "
         "adapter merged into the bf16 base (the export stage's output)",
     )
     sub.add_parser("report", help="write the quality-gap report")
@@ -105,9 +113,21 @@ STAGES = ("bootstrap", "prepare", "train", "export", "evaluate", "report")
 
 
 def stage_name(args: argparse.Namespace) -> str:
-    """The DVC stage a command runs: `train qlora` is `train@qlora`."""
+    """The DVC stage a command runs: `train qlora --seed 1` is `train@qlora-1` (a matrix stage),
+    `export qlora` is `export@qlora`."""
     item = getattr(args, "method", None) or getattr(args, "model", None)
+    if args.command == "train":
+        item = f"{item}-{args.seed}"
     return f"{args.command}@{item}" if item else args.command
+
+
+def training_seed(args: argparse.Namespace, seeds: list[int]) -> int:
+    """`--seed`, which must be one of the config's `seeds`; by default the first (it ships)."""
+    if args.seed is None:
+        return seeds[0]
+    if args.seed not in seeds:
+        raise PipelineError(f"--seed {args.seed}: not in config key 'seeds' {list(seeds)}")
+    return int(args.seed)
 
 
 def _stage(args: argparse.Namespace) -> None:
@@ -115,6 +135,7 @@ def _stage(args: argparse.Namespace) -> None:
     import time
 
     from qlora_pipeline.config.schema import load_params
+    from qlora_pipeline.files import seed_dir
     from qlora_pipeline.runtime import pin_cpu, setup_torch
     from qlora_pipeline.tracking.revisions import require_pinned
 
@@ -124,6 +145,8 @@ def _stage(args: argparse.Namespace) -> None:
     pin_cpu(cfg.runtime.cpu_kernels, cfg.runtime.threads)
     setup_torch(cfg.seed)
     p = cfg.paths
+    if args.command in ("train", "export"):
+        args.seed = training_seed(args, cfg.seeds)
     if args.command == "bootstrap":
         from qlora_pipeline.modeling.bootstrap import bootstrap
 
@@ -136,11 +159,12 @@ def _stage(args: argparse.Namespace) -> None:
     elif args.command == "train":
         from qlora_pipeline.training.train import train
 
-        train(cfg, args.method, p.base, p.data, Path(p.adapters) / args.method)
+        adapter = seed_dir(Path(p.adapters) / args.method, args.seed)
+        train(cfg, args.method, args.seed, p.base, p.data, adapter)
     elif args.command == "export":
         from qlora_pipeline.modeling.export import export
 
-        adapter = Path(p.adapters) / args.method
+        adapter = seed_dir(Path(p.adapters) / args.method, args.seed)
         export(cfg, args.method, p.base, adapter, p.data, Path(p.exports) / args.method)
     elif args.command == "evaluate":
         from qlora_pipeline.evaluation.evaluate import evaluate

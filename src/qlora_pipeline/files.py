@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 
+def seed_dir(folder: str | Path, seed: int) -> Path:
+    """One training seed's folder in an arm's folder (adapters, evaluations): `<folder>/seed<N>`."""
+    return Path(folder) / f"seed{seed}"
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.

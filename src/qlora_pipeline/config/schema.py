@@ -196,6 +196,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -321,6 +322,12 @@ def _validate_values(cfg: PipelineConfig) -> None:
         or (isinstance(tm, list) and len(tm) > 0 and all(isinstance(x, str) for x in tm)),
         "train.lora.target_modules",
         f"expected 'all-linear' or a list of module names, got {tm!r}",
+    )
+    _check(bool(cfg.seeds), "seeds", "must name at least one training seed")
+    _check(
+        len(set(cfg.seeds)) == len(cfg.seeds) and all(s >= 0 for s in cfg.seeds),
+        "seeds",
+        f"must be distinct non-negative integers, got {list(cfg.seeds)}",
     )
     _check(bool(cfg.eval.tasks), "eval.tasks", "must name at least one task")
     _positive(cfg.eval.batch_size, "eval.batch_size")

@@ -7,6 +7,7 @@ alone for base) and handed to `HFLM` as an object; tasks are YAML files in the r
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,21 @@ import yaml
 
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.files import atomic_dir, read_json, sha256_file, sha256_text, write_json
+from qlora_pipeline.files import (
+    atomic_dir,
+    read_json,
+    seed_dir,
+    sha256_file,
+    sha256_text,
+    write_json,
+)
 from qlora_pipeline.modeling.load import (
+    attach_saved,
     compute_dtype,
     load_adapted,
     load_base,
     load_tokenizer,
+    require_adapter,
     torch_dtype,
 )
 from qlora_pipeline.runtime import device_name, log
@@ -27,8 +37,10 @@ from qlora_pipeline.runtime import device_name, log
 DEFAULT_TASKS_DIR = Path(__file__).parent / "tasks"
 # What ships, scored with the same harness settings: the base; QLoRA as trained (4-bit base +
 # adapter); the QLoRA adapter on the original bf16 base (what many deploy); the merged bf16 export;
-# and LoRA.
+# and LoRA. The arms (qlora, lora) are scored once per training seed; the shipped forms use the
+# first seed's adapter.
 MODELS = ("base", "qlora", "qlora_on_bf16", "merged", "lora")
+ARMS = ("qlora", "lora")
 SHIPPED = {
     "qlora": "QLoRA as trained (4-bit base + adapter)",
     "qlora_on_bf16": "QLoRA adapter on the bf16 base",
@@ -101,9 +113,9 @@ def resolve_tasks(
 def load_for_eval(
     cfg: PipelineConfig, which: str, base_dir: Path, adapters_dir: Path, exports_dir: Path
 ) -> Any:
-    """base: the base in the LoRA arm's precision; qlora/lora: that arm's base + its saved adapter;
-    qlora_on_bf16: the QLoRA adapter on the base loaded as the LoRA arm loads it (not quantized);
-    merged: the QLoRA export, a plain bf16 model with the adapter merged in."""
+    """One model that is not an arm: base, the base in the LoRA arm's precision; qlora_on_bf16,
+    the shipped QLoRA adapter on the base loaded as the LoRA arm loads it (not quantized); merged,
+    the QLoRA export, a plain bf16 model with the adapter merged in."""
     trust = cfg.model.trust_remote_code
     if which == "base":
         model = load_base(base_dir, cfg.methods["lora"], trust)
@@ -120,9 +132,21 @@ def load_for_eval(
             dtype=torch_dtype(compute_dtype(cfg.methods["lora"].base_dtype)),
             use_safetensors=True,
         ).eval()
-    if which == "qlora_on_bf16":
-        return load_adapted(base_dir, cfg.methods["lora"], adapters_dir / "qlora", trust)
-    return load_adapted(base_dir, cfg.methods[which], adapters_dir / which, trust)
+    shipped = seed_dir(adapters_dir / "qlora", cfg.seeds[0])
+    return load_adapted(base_dir, cfg.methods["lora"], shipped, trust)
+
+
+def arm_models(
+    cfg: PipelineConfig, arm: str, base_dir: Path, adapters_dir: Path
+) -> Iterator[tuple[int, Any]]:
+    """(seed, model) for every training seed of an arm: its base is loaded once, and each seed's
+    adapter is put on it in turn (and taken off again), as a large base would need."""
+    adapters = [require_adapter(seed_dir(adapters_dir / arm, s)) for s in cfg.seeds]
+    base = load_base(base_dir, cfg.methods[arm], cfg.model.trust_remote_code)
+    for seed, adapter in zip(cfg.seeds, adapters, strict=True):
+        model = attach_saved(base, adapter)
+        yield seed, model
+        base = model.unload()
 
 
 # lm-eval's results.json also holds the date, timings, the git hash, the host's hardware
@@ -214,20 +238,20 @@ def evaluate(
     adapters_dir: str | Path,
     out_dir: str | Path,
     exports_dir: str | Path = "models/export",
-) -> dict:
-    """Run the configured lm-eval tasks on one model and save results and per-sample outputs.
+) -> list[dict]:
+    """Run the configured lm-eval tasks on one model (an arm: on each training seed's adapter) and
+    save results and per-sample outputs.
 
     Args:
         cfg: the validated pipeline config.
         which: one of MODELS.
         base_dir, data_dir, adapters_dir: outputs of the earlier stages.
-        out_dir: gets `metrics.json`, `results.json` (harness output) and `samples_<task>.jsonl`.
+        out_dir: gets `metrics.json`, `results.json` (harness output) and `samples_<task>.jsonl`;
+            for an arm, in one `seed<N>` folder per training seed. Written atomically, as a whole.
 
     Returns:
-        The content of `metrics.json`.
+        The content of each `metrics.json`, in seed order.
     """
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     if which not in MODELS:
@@ -238,7 +262,9 @@ def evaluate(
     if not test_jsonl.is_file():
         raise PipelineError(f"{test_jsonl}: not found; run the prepare stage first")
     tdir = tasks_dir(cfg)
-    manager = TaskManager(include_path=str(tdir))
+    # Indexing lm-eval's own ~14k task files takes ~6 s per process: only when a task needs it.
+    standard = any(not (tdir / f"{name}.yaml").is_file() for name in cfg.eval.tasks)
+    manager = TaskManager(include_path=str(tdir), include_defaults=standard)
     specs = resolve_tasks(cfg.eval.tasks, tdir, test_jsonl, cfg.eval.max_gen_toks, manager)
     with open(test_jsonl, encoding="utf-8") as f:
         first = json.loads(f.readline() or "{}")
@@ -249,11 +275,44 @@ def evaluate(
             f"{', '.join(ours)} need; set eval.tasks to tasks that fit this data"
         )
     tokenizer = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-    model = load_for_eval(cfg, which, Path(base_dir), Path(adapters_dir), Path(exports_dir))
+    base_dir, adapters_dir = Path(base_dir), Path(adapters_dir)
+    if which in ARMS:
+        models: Any = arm_models(cfg, which, base_dir, adapters_dir)
+    else:
+        seed = None if which == "base" else cfg.seeds[0]
+        models = [(seed, load_for_eval(cfg, which, base_dir, adapters_dir, Path(exports_dir)))]
+    template = read_json(Path(data_dir) / "manifest.json")["template"]
+    found = []
+    with atomic_dir(out_dir) as tmp:
+        for seed, model in models:
+            folder = seed_dir(tmp, seed) if which in ARMS else tmp
+            found.append(
+                score(cfg, which, seed, model, tokenizer, specs, manager, test_jsonl, template)
+            )
+            write_scores(folder, *found[-1])
+    return [metrics for metrics, _, _ in found]
+
+
+def score(
+    cfg: PipelineConfig,
+    which: str,
+    seed: int | None,
+    model: Any,
+    tokenizer: Any,
+    specs: list[Any],
+    manager: Any,
+    test_jsonl: Path,
+    template: str,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[dict]]]:
+    """lm-eval on one loaded model: (metrics.json content, results, per-task sample rows)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    label = which if seed is None else f"{which} seed {seed}"
     footprint = int(model.get_memory_footprint())
     log.info(
         "evaluate[%s]: %s on %s (footprint %.2f MB)",
-        which,
+        label,
         ", ".join(cfg.eval.tasks),
         device_name(),
         footprint / 2**20,
@@ -282,11 +341,11 @@ def evaluate(
     if results is None:
         raise PipelineError("lm-eval returned no results")
     samples = results.pop("samples", {})
-    manifest = read_json(Path(data_dir) / "manifest.json")
     metrics: dict[str, Any] = {
         "model": which,
+        "seed": seed,
         "footprint_bytes": footprint,
-        "protocol": protocol(cfg, results, manifest["template"]),
+        "protocol": protocol(cfg, results, template),
         "test_set": sha256_file(test_jsonl),
         "tasks": {},
     }
@@ -295,12 +354,21 @@ def evaluate(
         key, value, stderr = primary_metric(task_results, metric_list[0].get("metric"))
         n = len({row["doc_id"] for row in samples.get(task, [])})  # items, not rows per filter
         metrics["tasks"][task] = {"metric": key, "value": value, "stderr": stderr, "n": n}
-        log.info("evaluate[%s]: %s %s = %.3f (n=%d)", which, task, key, value, n)
-    with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "results.json", stable_results(results, test_jsonl))
-        for task, rows in samples.items():
-            with open(tmp / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, default=str) + "\n")
-        write_json(tmp / "metrics.json", metrics)
-    return metrics
+        log.info("evaluate[%s]: %s %s = %.3f (n=%d)", label, task, key, value, n)
+    return metrics, stable_results(results, test_jsonl), samples
+
+
+def write_scores(
+    folder: Path,
+    metrics: dict[str, Any],
+    results: dict[str, Any],
+    samples: dict[str, list[dict]],
+) -> None:
+    """One evaluation's files: metrics.json, results.json and samples_<task>.jsonl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "results.json", results)
+    for task, rows in samples.items():
+        with open(folder / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=str) + "\n")
+    write_json(folder / "metrics.json", metrics)

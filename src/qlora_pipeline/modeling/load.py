@@ -258,6 +258,23 @@ def attach_lora(
     return peft_model
 
 
+def require_adapter(adapter_dir: str | Path) -> Path:
+    """`adapter_dir`, if it holds a saved adapter (checked before any base is loaded)."""
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise PipelineError(f"{adapter_dir}: no adapter here; run the train stage first")
+    return Path(adapter_dir)
+
+
+def attach_saved(base: Any, adapter_dir: str | Path) -> Any:
+    """A saved adapter on a loaded base, in eval mode. `.unload()` gives the bare base back, so
+    one loaded base serves several adapters (the seeds of an arm) without loading it again."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(require_adapter(adapter_dir)))
+    model.eval()
+    return model
+
+
 def load_adapted(
     base_dir: str | Path,
     method: MethodConfig,
@@ -265,11 +282,5 @@ def load_adapted(
     trust_remote_code: bool = False,
 ) -> Any:
     """Base loaded as `method` wants it plus the saved adapter: what ships, ready for inference."""
-    from peft import PeftModel
-
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise PipelineError(f"{adapter_dir}: no adapter here; run the train stage first")
-    base = load_base(base_dir, method, trust_remote_code)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    model.eval()
-    return model
+    require_adapter(adapter_dir)
+    return attach_saved(load_base(base_dir, method, trust_remote_code), adapter_dir)

@@ -15,7 +15,14 @@ from typing import Any
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.data.pack import IGNORE_INDEX, PackedCollator
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.files import atomic_dir, atomic_write_text, read_json, sha256_text, write_json
+from qlora_pipeline.files import (
+    atomic_dir,
+    atomic_write_text,
+    read_json,
+    seed_dir,
+    sha256_text,
+    write_json,
+)
 from qlora_pipeline.modeling.load import (
     attach_lora,
     base_source,
@@ -28,8 +35,9 @@ from qlora_pipeline.runtime import device_name, log, pin_bnb_kernels
 from qlora_pipeline.tracking.perf import note
 
 
-def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) -> Any:
-    """Trainer arguments; identical for both methods except the optimizer the method names."""
+def training_arguments(cfg: PipelineConfig, method_name: str, seed: int, output_dir: Path) -> Any:
+    """Trainer arguments; identical for both methods except the optimizer the method names. The
+    training seed sets the data order too, so the two arms of one seed see the same batches."""
     import torch
     from transformers import TrainingArguments
 
@@ -52,8 +60,8 @@ def training_arguments(cfg: PipelineConfig, method_name: str, output_dir: Path) 
         bf16=compute == "bfloat16",
         fp16=compute == "float16",
         use_cpu=not torch.cuda.is_available(),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=seed,
+        data_seed=seed,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must reach the log, where it stops training
         eval_strategy="steps" if t.eval_steps else "no",
@@ -93,7 +101,7 @@ def loss_csv(steps: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def run_fingerprint(cfg: PipelineConfig, method_name: str, data_dir: Path) -> str:
+def run_fingerprint(cfg: PipelineConfig, method_name: str, seed: int, data_dir: Path) -> str:
     """What a checkpoint belongs to: checkpoints of another config or data are not resumed."""
     manifest = read_json(data_dir / "manifest.json")
     return sha256_text(
@@ -103,16 +111,18 @@ def run_fingerprint(cfg: PipelineConfig, method_name: str, data_dir: Path) -> st
                 "data": manifest["cache_key"],
                 "method": dataclasses.asdict(cfg.methods[method_name]),
                 "train": dataclasses.asdict(cfg.train),
-                "seed": cfg.seed,
+                "seed": seed,
             },
             sort_keys=True,
         )
     )
 
 
-def checkpoint_folder(cfg: PipelineConfig, method_name: str, data_dir: Path, folder: Path) -> Path:
+def checkpoint_folder(
+    cfg: PipelineConfig, method_name: str, seed: int, data_dir: Path, folder: Path
+) -> Path:
     """`folder`, emptied if it holds checkpoints of another run, with this run's fingerprint."""
-    fingerprint = run_fingerprint(cfg, method_name, data_dir)
+    fingerprint = run_fingerprint(cfg, method_name, seed, data_dir)
     run_file = folder / "run.json"
     if folder.exists() and (
         not run_file.is_file() or read_json(run_file).get("fingerprint") != fingerprint
@@ -129,6 +139,7 @@ def checkpoint_folder(cfg: PipelineConfig, method_name: str, data_dir: Path, fol
 def train(
     cfg: PipelineConfig,
     method_name: str,
+    seed: int,
     base_dir: str | Path,
     data_dir: str | Path,
     out_dir: str | Path,
@@ -136,13 +147,14 @@ def train(
 ) -> dict:
     """Fine-tune LoRA adapters on the prepared train split with `cfg.methods[method_name]`.
 
-    Checkpoints go to `checkpoint_dir` (default `paths.checkpoints/<method>`) every
+    Checkpoints go to `checkpoint_dir` (default `paths.checkpoints/<method>/seed<N>`) every
     `train.save_steps`; running again after a crash resumes from the newest one and reaches the same
     adapter. They are deleted once the adapter is written.
 
     Args:
         cfg: the validated pipeline config.
         method_name: a key of `cfg.methods` (qlora or lora).
+        seed: the training seed (one of `cfg.seeds`): LoRA init and data order.
         base_dir: the bootstrap output (model folder or pointer).
         data_dir: the prepare output.
         out_dir: gets the adapter (safetensors), `train_metrics.json`, `steps.jsonl` and
@@ -166,6 +178,7 @@ def train(
     if method_name not in cfg.methods:
         raise PipelineError(f"unknown method '{method_name}'; configured: {sorted(cfg.methods)}")
     method, t = cfg.methods[method_name], cfg.train
+    label = f"{method_name} seed {seed}"
     data_dir = Path(data_dir)
     dataset_dir = data_dir / "dataset"
     if not dataset_dir.is_dir():
@@ -173,8 +186,9 @@ def train(
     folder = checkpoint_folder(
         cfg,
         method_name,
+        seed,
         data_dir,
-        Path(checkpoint_dir or Path(cfg.paths.checkpoints) / method_name),
+        Path(checkpoint_dir or seed_dir(Path(cfg.paths.checkpoints) / method_name, seed)),
     )
     trust = cfg.model.trust_remote_code
     tokenizer = load_tokenizer(base_dir, trust)
@@ -187,7 +201,7 @@ def train(
         model,
         t.lora,
         method,
-        cfg.seed,
+        seed,
         t.gradient_checkpointing,
         base_source(base_dir)[0],
         upcast=t.upcast_non_quantized,
@@ -203,7 +217,7 @@ def train(
         log.warning(
             "train[%s]: %s needs CUDA to page optimizer state; on CPU bitsandbytes runs it as plain "
             "AdamW (32-bit state)",
-            method_name,
+            label,
             method.optimizer,
         )
     quant = method.quantization
@@ -211,7 +225,7 @@ def train(
     resume = saved[-1] if saved else None
     log.info(
         "train[%s]: base %s, %d trainable / %d params, %d steps x batch %d on %s%s",
-        method_name,
+        label,
         f"4-bit {quant.quant_type}{' + double quant' if quant.double_quant else ''}"
         if quant
         else method.base_dtype,
@@ -227,7 +241,7 @@ def train(
         steps_path.unlink(missing_ok=True)
     trainer = CheckpointingTrainer(
         model=model,
-        args=training_arguments(cfg, method_name, folder),
+        args=training_arguments(cfg, method_name, seed, folder),
         train_dataset=splits["train"],
         eval_dataset=splits["val"] if t.eval_steps else None,
         data_collator=collator(tokenizer),
@@ -241,7 +255,7 @@ def train(
     except NonFiniteLoss as e:
         kept = checkpoints(folder)
         raise PipelineError(
-            f"train[{method_name}]: {e}; stopped. "
+            f"train[{label}]: {e}; stopped. "
             + (f"Last good checkpoint kept: {kept[-1]}" if kept else "No checkpoint yet")
             + "; lower train.lr or train.max_grad_norm"
         ) from None
@@ -252,6 +266,7 @@ def train(
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
         "method": method_name,
+        "seed": seed,
         "base_dtype": method.base_dtype,
         "compute_dtype": method_compute_dtype(method),
         "quantization": None if quant is None else dataclasses.asdict(quant),
@@ -286,7 +301,7 @@ def train(
     shutil.rmtree(folder, ignore_errors=True)  # the adapter is the output now
     log.info(
         "train[%s]: loss %.3f -> %.3f, %.0f tokens/s -> %s",
-        method_name,
+        label,
         metrics["first_loss"],
         metrics["final_loss"],
         tokens / train_s,
