@@ -24,6 +24,13 @@ Stage commands (what dvc.yaml runs; they read params.yaml):
 
 Checks and planning:
   qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
+
+Registry (GTO git tags on the `qlora-adapter` artifact of dvc.yaml):
+  qlora-pipeline promote [--rev REV]    register a committed run as a new version and put it in
+                                        prod, only if its gate says PASS and the tree is clean
+  qlora-pipeline promoted               the version in prod and its gate evidence
+  qlora-pipeline history                every version: commit, verdict, gap [CI], noise floor
+  qlora-pipeline rollback [--to V]      put an earlier version in prod (recorded like a promotion)
   qlora-pipeline plan [--model ID] ...  training memory estimate per method; does it fit the GPU?
 
 Overrides use Hydra syntax, e.g.  train.max_steps=200  data=local data.path=data/raw/my.jsonl
@@ -106,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
         "gate",
         help="print the report's quality-gate verdict; exit 1 on FAIL (for CI and schedules)",
     )
+    pr = sub.add_parser(
+        "promote", help="register a committed run whose gate says PASS and put it in prod"
+    )
+    pr.add_argument("--rev", default="HEAD", help="the commit holding the run (default: HEAD)")
+    pr.add_argument("-m", "--message", default="", help="a note kept in the version's tag")
+    sub.add_parser("promoted", help="the version in prod and its gate evidence")
+    sub.add_parser("history", help="every registered version with its gate evidence")
+    rb = sub.add_parser("rollback", help="put an earlier version in prod")
+    rb.add_argument("--to", help="the version (default: the one registered before the current)")
     return p
 
 
@@ -179,6 +195,42 @@ def _stage(args: argparse.Namespace) -> None:
     write_record(p.runs, stage_name(args), Path(args.params), started)
 
 
+REGISTRY = ("promote", "promoted", "history", "rollback")
+
+
+def registry_command(args: argparse.Namespace, root: Path) -> int:
+    """promote | promoted | history | rollback: the GTO registry of the shipped adapter."""
+    from qlora_pipeline.tracking import registry
+
+    if args.command == "promote":
+        version = registry.promote(root, args.rev, args.message)
+        print(
+            f"promoted {args.rev} as {registry.ARTIFACT} {version} ({registry.STAGE}); share it "
+            "with `git push --tags` and the adapter with `dvc push`"
+        )
+        return 0
+    if args.command == "rollback":
+        print(f"{registry.STAGE} is now {registry.ARTIFACT} {registry.rollback(root, args.to)}")
+        return 0
+    current = registry.current_version(root)
+    if args.command == "promoted":
+        if current is None:
+            print(f"nothing in {registry.STAGE} yet (qlora-pipeline promote)", file=sys.stderr)
+            return 1
+        metrics = registry.committed_metrics(root, current["commit"])
+        print(
+            f"{registry.ARTIFACT} {current['version']} in {registry.STAGE} since "
+            f"{current['created_at']} ({current['tag']}, by {current['author']})\n"
+            f"commit {current['commit']}\n{registry.evidence(metrics)}"
+        )
+        return 0
+    for v in registry.versions(root):
+        mark = "  <- " + registry.STAGE if current and v["version"] == current["version"] else ""
+        summary = registry.evidence(v["metrics"]).replace("\n", "; ")
+        print(f"{v['version']}  {v['commit'][:7]}  {v['created_at'][:19]}  {summary}{mark}")
+    return 0
+
+
 def _pin_hash_seed(argv: list[str] | None) -> None:
     """Re-execute once with PYTHONHASHSEED=0 so set iteration order (peft's target_modules, for
     one) is the same in every process; only for a real command line (argv None), not in tests."""
@@ -243,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{source}: seq_len {args.seq_len}, batch {args.batch}\n{table}")
             return 0
+        if args.command in REGISTRY:
+            from qlora_pipeline.tracking.dvc import find_root
+
+            return registry_command(args, find_root())
         if args.command == "gate":
             from qlora_pipeline.config.schema import load_params
             from qlora_pipeline.reporting.gate import verdict_of
