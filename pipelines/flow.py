@@ -1,21 +1,38 @@
-"""The Prefect flow: the DAG declared in dvc.yaml, one Prefect task per DVC stage.
+"""The Prefect flows: the DAG declared in dvc.yaml, one Prefect task per DVC stage.
 
 DVC hashes inputs, skips unchanged stages and records lineage in dvc.lock; Prefect orders the
 tasks, retries, logs and publishes the report as a markdown artifact.
+
+`qlora-pipeline run` is the `qlora-pipeline` flow. `qlora-pipeline retrain` is the
+`qlora-retrain` flow, the unattended one: a no-op when nothing changed; otherwise the same stages,
+a commit of the run, and a promotion of the shipped adapter only when the gate says PASS, inside a
+Prefect transaction that takes the promotion back when pushing it fails.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+from prefect.states import Completed, Failed, State
+from prefect.transactions import get_transaction, transaction
 
-from qlora_pipeline.config.schema import load_params
+from qlora_pipeline.config.schema import PipelineConfig, PromotionConfig, load_params
+from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.reporting.gate import read_verdict
 from qlora_pipeline.reporting.report import write_documents
-from qlora_pipeline.tracking.dvc import compose, repro, stage_order, write_params
+from qlora_pipeline.tracking import registry
+from qlora_pipeline.tracking.dvc import (
+    changed_stages,
+    compose,
+    repro,
+    stage_order,
+    write_params,
+)
 from qlora_pipeline.tracking.revisions import pinning_overrides
 
 
@@ -54,20 +71,122 @@ def publish_task(root: str) -> str:
     return str(report)
 
 
-@flow(name="qlora-pipeline")
-def pipeline_flow(root: str, overrides: list[str]) -> str:
-    """Compose the config, run every stage of dvc.yaml in dependency order, publish the report."""
-    logger = get_run_logger()
-    compose_task(root, overrides)
+def run_stages(root: str) -> str:
+    """Every stage of dvc.yaml in dependency order, then the report published; its path."""
     done: dict[str, str] = {}
     for stage, upstream in stage_order(Path(root)):
         done[stage] = stage_task(root, stage, wait_for=[done[u] for u in upstream])
-    report = publish_task(root, wait_for=list(done.values()))
-    logger.info("report: %s (and report.html, metrics.json beside it)", report)
+    return publish_task(root, wait_for=list(done.values()))
+
+
+@flow(name="qlora-pipeline")
+def pipeline_flow(root: str, overrides: list[str]) -> str:
+    """Compose the config, run every stage of dvc.yaml in dependency order, publish the report."""
+    compose_task(root, overrides)
+    report = run_stages(root)
+    get_run_logger().info("report: %s (and report.html, metrics.json beside it)", report)
     return str(report)
 
 
+def _git(root: str, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise PipelineError(f"git {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout.strip()
+
+
+def _identity(p: PromotionConfig) -> list[str]:
+    return ["-c", f"user.name={p.author_name}", "-c", f"user.email={p.author_email}"]
+
+
+@task(task_run_name="commit the run")
+def commit_task(root: str, cfg: PipelineConfig, message: str) -> str:
+    """Commit what records the run (dvc.lock, params.yaml, the report, the run records) under
+    the configured identity; its commit SHA."""
+    files = ["dvc.lock", "params.yaml", cfg.paths.report, cfg.paths.runs]
+    _git(root, "add", "-A", "--", *files)
+    _git(root, *_identity(cfg.promotion), "commit", "-q", "-m", message)
+    sha = _git(root, "rev-parse", "HEAD")
+    get_run_logger().info("committed the run as %s", sha[:7])
+    return sha
+
+
+@task(task_run_name="register and put in prod")
+def promote_task(root: str, sha: str, p: PromotionConfig) -> str:
+    """Register the run's commit as a new version and assign it `prod` (GTO tags)."""
+    version = registry.promote(Path(root), sha, author=(p.author_name, p.author_email))
+    txn = get_transaction()
+    assert txn is not None  # promote_task runs inside retrain_flow's transaction
+    txn.set("version", version)  # what on_rollback takes back
+    get_run_logger().info("%s %s is in %s", registry.ARTIFACT, version, registry.STAGE)
+    return version
+
+
+@promote_task.on_rollback
+def _take_back(txn) -> None:  # type: ignore[no-untyped-def]
+    version = txn.get("version")
+    registry.unpromote(Path(txn.get("root")), version)
+
+
+@task(task_run_name="push the promoted run", retries=2, retry_delay_seconds=[2, 8])
+def push_task(root: str, p: PromotionConfig) -> None:
+    """Share the promotion: data, adapters and evaluations to the DVC remote, the run commit and
+    the registry tags to the git remote (each only when configured)."""
+    if p.dvc_remote:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "push", "-r", p.dvc_remote],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise PipelineError(f"dvc push -r {p.dvc_remote}: {proc.stderr.strip()[-500:]}")
+    if p.git_remote:
+        _git(root, "push", "-q", p.git_remote, "HEAD")
+        _git(root, "push", "-q", p.git_remote, "--tags")
+
+
+@flow(name="qlora-retrain")
+def retrain_flow(root: str, overrides: list[str]) -> State:
+    """The scheduled retraining run: no-op when data, config and code are unchanged; otherwise
+    run, commit, and promote only on PASS (all or nothing)."""
+    logger = get_run_logger()
+    compose_task(root, overrides)
+    cfg = load_params(Path(root) / "params.yaml")
+    current = registry.current_version(Path(root))
+    in_prod = "nothing" if current is None else f"{registry.ARTIFACT} {current['version']}"
+    stays = "prod stays empty" if current is None else f"{in_prod} stays in prod"
+    # Only the report (a new promotion pinned, a gate threshold) is not a new model: the models
+    # in the work tree were judged when they were committed. Nothing to train, commit or promote.
+    changed = [s for s in changed_stages(Path(root)) if s != "report"]
+    if not changed:
+        _git(root, "checkout", "--", "params.yaml")  # leave the work tree as it was
+        return Completed(message=f"no-op: data, config and code unchanged; {stays}")
+    logger.info("changed: %s", ", ".join(changed))
+    run_stages(root)
+    verdict, reasons = read_verdict(Path(root) / cfg.paths.report / "metrics.json")
+    sha = commit_task(root, cfg, f"Retraining run: quality gate {verdict}")
+    resource = {"prefect.resource.id": f"qlora-pipeline.run.{sha}", "commit": sha}
+    if verdict != "PASS":
+        emit_event(
+            event="qlora-pipeline.gate.failed", resource=resource, payload={"reasons": reasons}
+        )
+        return Failed(message=f"quality gate FAIL: {'; '.join(reasons)}; {stays}")
+    with transaction() as txn:
+        txn.set("root", root)
+        version = promote_task(root, sha, cfg.promotion)
+        push_task(root, cfg.promotion)
+    emit_event(event="qlora-pipeline.promoted", resource=resource, payload={"version": version})
+    return Completed(message=f"promoted {registry.ARTIFACT} {version} (before: {in_prod})")
+
+
 GATE_FAILED = 3
+
+
+def _check_overrides(root: Path, overrides: list[str]) -> PipelineConfig:
+    _, cfg = compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
+    pinning_overrides(cfg)  # ... or on a hub revision that cannot be pinned to a commit
+    return cfg
 
 
 def run(root: Path, overrides: list[str]) -> int:
@@ -76,8 +195,7 @@ def run(root: Path, overrides: list[str]) -> int:
     Returns 0, 1 when a stage failed, or 3 when the quality gate says FAIL and
     `report.gate.enforce` is on (the report is written either way).
     """
-    _, cfg = compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
-    pinning_overrides(cfg)  # ... or on a hub revision that cannot be pinned to a commit
+    cfg = _check_overrides(root, overrides)
     state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
         print(f"error: pipeline failed: {state.message}", file=sys.stderr)
@@ -87,3 +205,26 @@ def run(root: Path, overrides: list[str]) -> int:
         print(f"error: quality gate FAIL: {'; '.join(reasons)}", file=sys.stderr)
         return GATE_FAILED
     return 0
+
+
+def retrain(root: Path, overrides: list[str]) -> int:
+    """Entry point of `qlora-pipeline retrain`: refuse a dirty work tree or the wrong branch,
+    then run the retraining flow.
+
+    Returns 0 (promoted, or nothing changed), 3 (the gate said FAIL: the run is committed, prod
+    is untouched) or 1 (a stage, the commit or the push failed; a promotion is taken back).
+    """
+    cfg = _check_overrides(root, overrides)
+    registry.require_clean(root)
+    branch = _git(str(root), "rev-parse", "--abbrev-ref", "HEAD")
+    wanted = cfg.promotion.branch
+    if wanted and branch != wanted:
+        raise PipelineError(
+            f"the work tree is on '{branch}', config key 'promotion.branch' is '{wanted}'; "
+            f"check out '{wanted}' first"
+        )
+    state = retrain_flow(str(root), list(overrides), return_state=True)
+    print(state.message, file=sys.stderr if state.is_failed() else sys.stdout)
+    if state.is_completed():
+        return 0
+    return GATE_FAILED if (state.message or "").startswith("quality gate FAIL") else 1

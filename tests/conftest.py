@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,39 @@ TINY = [
     "train.logging_steps=5",
     "eval.batch_size=40",
 ]
+
+
+def copy_project(dst: Path) -> None:
+    """What a fresh clone has: the files git tracks or would track (no outputs, no caches)."""
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, files):
+        if rel.startswith(("reports/", "runs/", "dvc.lock")) or not (ROOT / rel).is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+
+
+def run_cli(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,58 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY
+from conftest import TINY, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
-
-
-def _copy_project(dst: Path) -> None:
-    """What a fresh clone has: the files git tracks or would track (no outputs, no caches)."""
-    files = (
-        subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
-    )
-    for rel in filter(None, files):
-        if rel.startswith(("reports/", "runs/", "dvc.lock")) or not (ROOT / rel).is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-
-
-def _run(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONUNBUFFERED": "1"}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     project = tmp_path_factory.mktemp("project")
-    _copy_project(project)
-    proc = _run(project, "-m", "qlora_pipeline", "run", *TINY)
+    copy_project(project)
+    proc = run_cli(project, "-m", "qlora_pipeline", "run", *TINY)
     (project / "run.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return project
@@ -63,7 +27,7 @@ def project(tmp_path_factory):
 def test_report_names_both_methods_and_fine_tuning_beats_base(project):
     report = (project / "reports/report.md").read_text()
     assert "QLoRA" in report and "LoRA" in report and "paged_adamw_32bit" in report
-    assert "McNemar p" in report and "no accepted run yet" in report
+    assert "McNemar p" in report and "no promoted version yet" in report
     assert report.splitlines()[2].startswith("> **Quality gate: ")  # the verdict banner first
     assert "pooled over seeds 0, 1; per seed " in report  # the gap, then the noise floor
     assert "- noise floor (same arm, another seed): |Δ| up to " in report
@@ -180,13 +144,13 @@ def test_qlora_footprint_is_below_lora(project):
 def test_flow_ran_stages_in_dvc_dag_order_and_dvc_is_clean(project):
     log = (project / "run.log").read_text()
     order = re.findall(r"dvc repro --single-item (\S+)", log)
-    dot = _run(project, "-m", "dvc", "dag", "--dot").stdout
+    dot = run_cli(project, "-m", "dvc", "dag", "--dot").stdout
     edges = re.findall(r'"([^"]+)" -> "([^"]+)"', dot)
     stages = {s for edge in edges for s in edge}
     assert set(order) == stages and len(order) == len(stages)
     for upstream, downstream in edges:
         assert order.index(upstream) < order.index(downstream)
-    status = _run(project, "-m", "dvc", "status", "--json")
+    status = run_cli(project, "-m", "dvc", "status", "--json")
     assert json.loads(status.stdout) == {}
     lock = (project / "dvc.lock").read_text()
     for stage in stages:
@@ -228,7 +192,7 @@ def test_saved_adapter_reproduces_the_evaluated_outputs(project):
 
 def test_second_run_is_a_cache_hit(project):
     lock = (project / "dvc.lock").read_text()
-    proc = _run(project, "-m", "qlora_pipeline", "run", *TINY)
+    proc = run_cli(project, "-m", "qlora_pipeline", "run", *TINY)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
     assert "Running stage" not in out
@@ -236,15 +200,20 @@ def test_second_run_is_a_cache_hit(project):
     assert (project / "dvc.lock").read_text() == lock
 
 
-def test_enforced_gate_fails_the_run_and_compares_with_the_accepted_run(project):
+def test_enforced_gate_fails_the_run_and_compares_with_the_acceptedrun_cli(project):
     """Accept the run (commit reports/ and dvc.lock), then gate the next one with an impossible
     retention threshold: only the report stage reruns, it compares with the accepted metrics, and
     the run exits 3."""
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "add", "-A"], cwd=project, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-qm", "accept"], cwd=project, check=True, capture_output=True)
-    gated = [*TINY, "report.gate.enforce=true", "report.gate.min_retention=5"]
-    proc = _run(project, "-m", "qlora_pipeline", "run", *gated)
+    gated = [
+        *TINY,
+        "report.accepted_rev=HEAD",  # a git revision instead of the promoted version
+        "report.gate.enforce=true",
+        "report.gate.min_retention=5",
+    ]
+    proc = run_cli(project, "-m", "qlora_pipeline", "run", *gated)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert "error: quality gate FAIL: " in proc.stderr
@@ -254,7 +223,7 @@ def test_enforced_gate_fails_the_run_and_compares_with_the_accepted_run(project)
     assert metrics["verdict"] == "FAIL"
     assert all(t["qlora_vs_accepted"] == 0.0 for t in metrics["tasks"].values())
     assert "reports/metrics.json at HEAD" in (project / "reports/report.md").read_text()
-    gate = _run(project, "-m", "qlora_pipeline", "gate")
+    gate = run_cli(project, "-m", "qlora_pipeline", "gate")
     assert gate.returncode == 1 and gate.stdout.startswith("quality gate: FAIL (")
 
 
@@ -264,11 +233,11 @@ def test_dvc_exp_run_composes_conf_like_our_compose(project):
     from qlora_pipeline.tracking.dvc import compose
 
     overrides = [*TINY, "report.title=Experiment B"]
-    proc = _run(project, "-m", "dvc", "exp", "run", *(a for o in overrides for a in ("-S", o)))
+    proc = run_cli(project, "-m", "dvc", "exp", "run", *(a for o in overrides for a in ("-S", o)))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert (project / "params.yaml").read_text() == compose(project, overrides)[0]
     assert re.findall(r"Running stage '([^']+)'", out) == ["report"]
     assert (project / "reports/report.md").read_text().startswith("# Experiment B")
-    shown = _run(project, "-m", "dvc", "exp", "show", "--json")
+    shown = run_cli(project, "-m", "dvc", "exp", "show", "--json")
     assert "Experiment B" in shown.stdout

@@ -15,6 +15,8 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
 
   qlora-pipeline run [OVERRIDES...]     compose conf/ (+ Hydra overrides) into params.yaml and run
                                         the Prefect flow over the DVC stages (unchanged ones skip)
+  qlora-pipeline retrain [OVERRIDES...] the unattended run: nothing changed -> no-op; otherwise run,
+                                        commit the run, promote on PASS (exit 3 on FAIL)
   qlora-pipeline compose [OVERRIDES...] only write params.yaml (--check: fail if it is out of date)
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
@@ -56,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="compose the config and run the whole pipeline as a Prefect flow"
     )
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=200")
+    rt = sub.add_parser(
+        "retrain",
+        help="the unattended run: no-op when nothing changed; else run, commit, and promote "
+        "the adapter only if the gate says PASS (refuses a dirty work tree)",
+    )
+    rt.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.path=data/raw/new")
     comp = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
     comp.add_argument("overrides", nargs="*", help="Hydra overrides")
     comp.add_argument(
@@ -248,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        if args.command == "run":
+        if args.command in ("run", "retrain"):
             from qlora_pipeline.tracking.dvc import find_root
 
             root = find_root()
@@ -258,15 +266,15 @@ def main(argv: list[str] | None = None) -> int:
             # No network here: the server's telemetry would log "Failed to send telemetry" as an
             # ERROR on every run, which reads as a failure.
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            from pipelines.flow import run
+            from pipelines import flow
 
-            return run(root, args.overrides)
+            return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
         if args.command == "compose":
-            from qlora_pipeline.tracking.dvc import compose, find_root, write_params
+            from qlora_pipeline.tracking.dvc import find_root, pinned_params, write_params
 
             root = find_root()
             if args.check:
-                text, _ = compose(root, args.overrides)
+                text, _ = pinned_params(root, args.overrides)
                 current = (
                     (root / "params.yaml").read_text(encoding="utf-8")
                     if (root / "params.yaml").exists()

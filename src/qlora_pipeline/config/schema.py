@@ -163,10 +163,19 @@ class GateConfig:
 @dataclass
 class ReportConfig:
     title: str = "QLoRA vs LoRA quality gap"
-    accepted_rev: str | None = "HEAD"
+    accepted_rev: str | None = "promoted"
     anchor_rev: str | None = None
     allow_protocol_change: bool = False
     gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass
+class PromotionConfig:
+    branch: str | None = None
+    author_name: str = "qlora-pipeline"
+    author_email: str = "qlora-pipeline@localhost"
+    dvc_remote: str | None = None
+    git_remote: str | None = None
 
 
 @dataclass
@@ -195,6 +204,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -32,6 +32,12 @@ def _repo_path(path: Path) -> tuple[Path, str] | None:
     return root, path.relative_to(root).as_posix()
 
 
+def repo_root(path: str | Path) -> Path | None:
+    """The root of the git repository holding `path`, or None."""
+    found = _repo_path(Path(path))
+    return None if found is None else found[0]
+
+
 def accepted_metrics(rev: str | None, path: str | Path) -> tuple[dict[str, Any] | None, str]:
     """The report's `metrics.json` as committed at git revision `rev`, and where it came from.
 

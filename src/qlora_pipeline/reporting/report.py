@@ -28,9 +28,16 @@ from qlora_pipeline.reporting.figures import (
     scores_csv,
     task_figures,
 )
-from qlora_pipeline.reporting.history import accepted_metrics, anchor_rev, items_at, items_csv
+from qlora_pipeline.reporting.history import (
+    accepted_metrics,
+    anchor_rev,
+    items_at,
+    items_csv,
+    repo_root,
+)
 from qlora_pipeline.reporting.stats import paired_difference
 from qlora_pipeline.runtime import log
+from qlora_pipeline.tracking import registry
 from qlora_pipeline.tracking.perf import read_records
 
 OTHER_SHIPPED = ("qlora_on_bf16", "merged")  # the shipped QLoRA adapter in its other forms
@@ -65,24 +72,43 @@ def trained_runs(cfg: PipelineConfig, adapters_dir: Path) -> dict[str, dict[str,
     }
 
 
+def past_revs(cfg: PipelineConfig, metrics_path: Path, protocol: dict) -> dict[str, Any]:
+    """The git revisions of the accepted and anchor runs, or why there is none.
+
+    With `report.accepted_rev: promoted` (the default) the accepted run is the version in prod
+    (pinned to its registry tag at compose time; resolved here when `dvc exp run` composed the
+    params) and the anchor is the first registered version under this evaluation protocol.
+    Otherwise the accepted run is any git revision, and the anchor the oldest commit whose report
+    records this protocol.
+    """
+    accepted = cfg.report.accepted_rev
+    root = repo_root(metrics_path)
+    from_registry = registry.is_registry_ref(accepted)
+    if accepted == registry.PROMOTED and root is not None:
+        accepted = registry.promoted_ref(root)
+    anchor = cfg.report.anchor_rev
+    if anchor is None and root is not None:
+        anchor = (
+            registry.first_ref_under(root, protocol)
+            if from_registry
+            else anchor_rev(metrics_path, protocol)
+        )
+    none = "no promoted version yet (`qlora-pipeline promote`)" if from_registry else None
+    return {
+        "accepted": (accepted, none or "comparison off (report.accepted_rev: null)"),
+        "anchor": (anchor, none or "no accepted run under this evaluation protocol yet"),
+    }
+
+
 def past_runs(cfg: PipelineConfig, out_dir: Path, protocol: dict, test_set: str) -> dict[str, Any]:
     """The accepted and anchor runs: (their metrics if comparable, where from, their per-item
     scores when the test set is the same)."""
     metrics_path = out_dir / "metrics.json"
     found_runs = {}
-    for name, rev in (
-        ("accepted", cfg.report.accepted_rev),
-        ("anchor", cfg.report.anchor_rev or anchor_rev(metrics_path, protocol)),
-    ):
+    for name, (rev, why_none) in past_revs(cfg, metrics_path, protocol).items():
+        run, where = accepted_metrics(rev, metrics_path) if rev is not None else (None, why_none)
         found, where = gate.comparable_accepted(
-            *(
-                accepted_metrics(rev, metrics_path)
-                if rev is not None or name == "accepted"
-                else (None, "no accepted run under this evaluation protocol yet")
-            ),
-            protocol,
-            test_set,
-            cfg.report.allow_protocol_change,
+            run, where, protocol, test_set, cfg.report.allow_protocol_change
         )
         same_items = found is not None and found.get("test_set") == test_set
         found_runs[name] = (

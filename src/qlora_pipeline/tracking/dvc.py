@@ -48,15 +48,23 @@ def compose(root: Path, overrides: list[str]) -> tuple[str, PipelineConfig]:
     return text, cfg
 
 
-def write_params(root: Path, overrides: list[str]) -> PipelineConfig:
-    """Compose, pin hub revisions to commits, validate, then replace params.yaml atomically (a bad
-    override leaves it untouched)."""
+def pinned_params(root: Path, overrides: list[str]) -> tuple[str, PipelineConfig]:
+    """`compose`, then every moving name pinned: hub revisions to commit SHAs, and
+    `report.accepted_rev: promoted` to the registry tag of the version in prod."""
+    from qlora_pipeline.tracking.registry import pinning_override
     from qlora_pipeline.tracking.revisions import pinning_overrides
 
     text, cfg = compose(root, overrides)
-    pins = pinning_overrides(cfg)
+    pins = [*pinning_overrides(cfg), *pinning_override(cfg.report.accepted_rev, root)]
     if pins:
         text, cfg = compose(root, [*overrides, *pins])
+    return text, cfg
+
+
+def write_params(root: Path, overrides: list[str]) -> PipelineConfig:
+    """Compose and pin (`pinned_params`), then replace params.yaml atomically (a bad override
+    leaves it untouched)."""
+    text, cfg = pinned_params(root, overrides)
     atomic_write_text(root / "params.yaml", text)
     return cfg
 
@@ -70,6 +78,14 @@ def stage_order(root: Path) -> list[tuple[str, list[str]]]:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = list(reversed(list(nx.topological_sort(graph))))
         return [(s.addressing, sorted(d.addressing for d in graph.successors(s))) for s in order]
+
+
+def changed_stages(root: Path) -> list[str]:
+    """The stages `dvc repro` would run: their deps, params, code or outputs changed."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return sorted(repo.status())
 
 
 def stage_env() -> dict[str, str]:

@@ -21,6 +21,7 @@ from qlora_pipeline.errors import PipelineError
 ARTIFACT = "qlora-adapter"  # dvc.yaml `artifacts:`: the first seed's QLoRA adapter
 STAGE = "prod"
 METRICS = "reports/metrics.json"
+PROMOTED = "promoted"  # report.accepted_rev: the version in prod, pinned to its tag at compose time
 
 
 def _git(root: Path, *args: str) -> str:
@@ -71,13 +72,20 @@ def require_clean(root: Path) -> None:
         )
 
 
-def promote(root: Path, rev: str = "HEAD", message: str = "") -> str:
+def promote(
+    root: Path,
+    rev: str = "HEAD",
+    message: str = "",
+    author: tuple[str, str] | None = None,
+) -> str:
     """Register `rev` as a new version of the adapter and assign it `prod`, if its committed
     report's gate says PASS. Returns the new version.
 
     Raises:
         PipelineError: a dirty work tree, no committed report, or a gate that did not pass
             (nothing is tagged).
+
+    `author` (name, email) signs the tags; by default git's configured identity.
     """
     from gto import api
 
@@ -93,10 +101,27 @@ def promote(root: Path, rev: str = "HEAD", message: str = "") -> str:
     if current is not None and current["commit"] == commit:
         raise PipelineError(f"{rev} ({commit[:7]}) is already in {STAGE} as {current['version']}")
     text = evidence(metrics) + (f"\n{message}" if message else "")
-    registered = api.register(root, ARTIFACT, commit, message=text)
-    version = registered.version
-    api.assign(root, ARTIFACT, STAGE, version=version, message="promote: gate PASS")
-    return str(version)
+    name, email = author or (None, None)
+    registered = api.register(root, ARTIFACT, commit, message=text, author=name, author_email=email)
+    version = str(registered.version)
+    api.assign(
+        root,
+        ARTIFACT,
+        STAGE,
+        version=version,
+        message="promote: gate PASS",
+        author=name,
+        author_email=email,
+    )
+    return version
+
+
+def unpromote(root: Path, version: str) -> None:
+    """Take back a promotion: delete the version's registration tag and the assignments that
+    name it (a failed push must not leave a version in prod that is not shared)."""
+    for event in _events(root):
+        if event["version"] == version and event["event"] in ("registration", "assignment"):
+            _git(root, "tag", "-d", event["ref"])
 
 
 def _events(root: Path) -> list[dict[str, Any]]:
@@ -167,3 +192,36 @@ def rollback(root: Path, to: str | None = None) -> str:
         root, ARTIFACT, STAGE, version=to, message=f"rollback from {current['version']}", force=True
     )
     return to
+
+
+def version_ref(version: str) -> str:
+    """A version's registration tag: a git revision that never moves."""
+    return f"{ARTIFACT}@{version}"
+
+
+def is_registry_ref(rev: str | None) -> bool:
+    return rev is not None and (rev == PROMOTED or rev.startswith(f"{ARTIFACT}@"))
+
+
+def promoted_ref(root: Path) -> str | None:
+    """The registration tag of the version in prod, or None (nothing promoted)."""
+    current = current_version(root)
+    return None if current is None else version_ref(current["version"])
+
+
+def first_ref_under(root: Path, protocol: dict[str, Any]) -> str | None:
+    """The first registered version evaluated under `protocol`: the anchor of slow drift."""
+    for v in versions(root):
+        if v["metrics"].get("protocol") == protocol:
+            return version_ref(v["version"])
+    return None
+
+
+def pinning_override(accepted_rev: str | None, root: Path) -> list[str]:
+    """`report.accepted_rev=promoted` as the tag of the version in prod, so params.yaml (and the
+    report stage's params in dvc.lock) changes with every promotion or rollback, and a cached
+    report can never compare with the version that was in prod before."""
+    if accepted_rev != PROMOTED or not (root / ".git").exists():
+        return []
+    ref = promoted_ref(root)
+    return [] if ref is None else [f"report.accepted_rev='{ref}'"]
