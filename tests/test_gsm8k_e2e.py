@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
-from test_flow_e2e import _copy_project, _run
+from conftest import ROOT, TINY, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -39,13 +38,13 @@ def gsm8k_project(tmp_path_factory):
     if not (GSM8K / "test.jsonl").is_file():
         pytest.skip("../shared/datasets/gsm8k is not here")
     project = tmp_path_factory.mktemp("gsm8k")
-    _copy_project(project)
+    copy_project(project)
     raw = project / "data/raw/gsm8k"
     raw.mkdir(parents=True)
     for split, n in (("train", 120), ("test", 16)):
         lines = (GSM8K / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
         (raw / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    proc = _run(project, "-m", "qlora_pipeline", "run", *SMALL)
+    proc = run_cli(project, "-m", "qlora_pipeline", "run", *SMALL)
     (project / "run.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return project
