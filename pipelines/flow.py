@@ -146,11 +146,34 @@ def push_task(root: str, p: PromotionConfig) -> None:
         _git(root, "push", "-q", p.git_remote, "--tags")
 
 
+def check_work_tree(root: Path, cfg: PipelineConfig) -> None:
+    """A retraining run commits: refuse a work tree with uncommitted changes, or on another
+    branch than `promotion.branch`.
+
+    Raises:
+        PipelineError: naming the first changed file, or the two branches.
+    """
+    registry.require_clean(root)
+    branch = _git(str(root), "rev-parse", "--abbrev-ref", "HEAD")
+    wanted = cfg.promotion.branch
+    if wanted and branch != wanted:
+        raise PipelineError(
+            f"the work tree is on '{branch}', config key 'promotion.branch' is '{wanted}'; "
+            f"check out '{wanted}' first"
+        )
+
+
+@task(task_run_name="check the work tree")
+def check_task(root: str, overrides: list[str]) -> None:
+    check_work_tree(Path(root), check_overrides(Path(root), overrides))
+
+
 @flow(name="qlora-retrain")
 def retrain_flow(root: str, overrides: list[str]) -> State:
     """The scheduled retraining run: no-op when data, config and code are unchanged; otherwise
     run, commit, and promote only on PASS (all or nothing)."""
     logger = get_run_logger()
+    check_task(root, overrides)  # again here: a served deployment's runs start in this flow
     compose_task(root, overrides)
     cfg = load_params(Path(root) / "params.yaml")
     current = registry.current_version(Path(root))
@@ -183,7 +206,7 @@ def retrain_flow(root: str, overrides: list[str]) -> State:
 GATE_FAILED = 3
 
 
-def _check_overrides(root: Path, overrides: list[str]) -> PipelineConfig:
+def check_overrides(root: Path, overrides: list[str]) -> PipelineConfig:
     _, cfg = compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
     pinning_overrides(cfg)  # ... or on a hub revision that cannot be pinned to a commit
     return cfg
@@ -195,7 +218,7 @@ def run(root: Path, overrides: list[str]) -> int:
     Returns 0, 1 when a stage failed, or 3 when the quality gate says FAIL and
     `report.gate.enforce` is on (the report is written either way).
     """
-    cfg = _check_overrides(root, overrides)
+    cfg = check_overrides(root, overrides)
     state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
         print(f"error: pipeline failed: {state.message}", file=sys.stderr)
@@ -214,15 +237,7 @@ def retrain(root: Path, overrides: list[str]) -> int:
     Returns 0 (promoted, or nothing changed), 3 (the gate said FAIL: the run is committed, prod
     is untouched) or 1 (a stage, the commit or the push failed; a promotion is taken back).
     """
-    cfg = _check_overrides(root, overrides)
-    registry.require_clean(root)
-    branch = _git(str(root), "rev-parse", "--abbrev-ref", "HEAD")
-    wanted = cfg.promotion.branch
-    if wanted and branch != wanted:
-        raise PipelineError(
-            f"the work tree is on '{branch}', config key 'promotion.branch' is '{wanted}'; "
-            f"check out '{wanted}' first"
-        )
+    check_work_tree(root, check_overrides(root, overrides))  # fail fast, before Prefect starts
     state = retrain_flow(str(root), list(overrides), return_state=True)
     print(state.message, file=sys.stderr if state.is_failed() else sys.stdout)
     if state.is_completed():

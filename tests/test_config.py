@@ -117,3 +117,21 @@ def test_cli_help_explains_commands():
     assert proc.returncode == 0
     for word in ("run", "compose", "bootstrap", "prepare", "train", "evaluate", "report", "Hydra"):
         assert word in proc.stdout
+
+
+def test_the_schedule_is_validated_with_one_line_naming_file_and_key(tmp_path):
+    from pipelines.serve import load_schedule
+
+    default = load_schedule(ROOT, "default")
+    assert (default.name, default.cron, default.timezone) == ("weekly", "0 3 * * 1", "UTC")
+    folder = tmp_path / "conf/schedule"
+    folder.mkdir(parents=True)
+    (folder / "bad.yaml").write_text("cron: every monday\n")
+    with pytest.raises(ConfigError, match=r"conf/schedule/bad\.yaml: key 'cron': ") as err:
+        load_schedule(tmp_path, "bad")
+    assert "\n" not in str(err.value)
+    (folder / "typo.yaml").write_text("crn: '0 3 * * 1'\n")
+    with pytest.raises(ConfigError, match=r"conf/schedule/typo\.yaml: key 'crn': "):
+        load_schedule(tmp_path, "typo")
+    with pytest.raises(ConfigError, match=r"nope\.yaml: no such schedule; .*\['bad', 'typo'\]"):
+        load_schedule(tmp_path, "nope")

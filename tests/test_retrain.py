@@ -1,15 +1,22 @@
-"""The unattended retraining flow in a scratch clone: a promotion per passing run, a no-op when
-nothing changed, new data retrains and is compared paired with the promoted version, a forced
-FAIL leaves prod alone, and a failed push takes the promotion back (Prefect transaction)."""
+"""The unattended retraining flow in a scratch clone. Served as a deployment against a real
+Prefect server (its own process, port and database), triggered through the API: it promotes, then
+is a no-op. From the CLI: new data retrains and is compared paired with the promoted version, a
+forced FAIL leaves prod alone, and a failed push takes the promotion back (Prefect transaction)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import TINY, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
@@ -47,32 +54,126 @@ def _retrain(project: Path, *overrides: str) -> tuple[int, str]:
 def project(tmp_path_factory):
     project = tmp_path_factory.mktemp("retrain")
     copy_project(project)
+    schedule = {"name": "retrain-test", "cron": "0 3 * * 1", "overrides": FAST}
+    (project / "conf/schedule/test.yaml").write_text(yaml.safe_dump(schedule))
     _git(project, "add", "-A")
     _git(project, "-c", "user.name=dev", "-c", "user.email=dev@x", "commit", "-qm", "clone")
     return project
 
 
-def test_retraining_promotes_skips_retrains_and_refuses(project):
-    # 1. the first run: everything runs, the run is committed, v0.0.1 goes to prod
-    code, out = _retrain(project, *FAST)
-    assert code == 0, out[-3000:]
-    assert "promoted qlora-adapter v0.0.1 (before: nothing)" in out
-    assert _tags(project) == ["qlora-adapter#prod#1", "qlora-adapter@v0.0.1"]
-    author = _git(project, "log", "-1", "--format=%an <%ae> %s")
-    assert author == "qlora-pipeline <qlora-pipeline@localhost> Retraining run: quality gate PASS"
-    first = _git(project, "rev-parse", "HEAD")
-    assert _git(project, "status", "--porcelain", "--untracked-files=no") == ""
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 and a free port, with its own PREFECT_HOME (SQLite)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    start = ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", *start],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            home / "server.log"
+        ).read_text()
+        time.sleep(1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=60)
+    log.close()
 
-    # 2. nothing changed: no stage runs, nothing is committed or tagged. The promotion changed the
-    # report's input (report.accepted_rev is pinned to the version in prod), but the models are
-    # the ones already judged: no report either, and params.yaml is left as committed.
-    code, out = _retrain(project, *FAST)
-    assert code == 0, out[-3000:]
-    assert "no-op: data, config and code unchanged; qlora-adapter v0.0.1 stays in prod" in out
-    assert "Running stage" not in out
-    assert _git(project, "rev-parse", "HEAD") == first and len(_tags(project)) == 2
-    assert _git(project, "status", "--porcelain", "--untracked-files=no") == ""
 
+def _api(project: Path, url: str, code: str) -> subprocess.CompletedProcess:
+    """Python against the server, as a user's script or the UI's API calls would be."""
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(project / ".prefect")}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True
+    )
+
+
+TRIGGER = """
+from prefect.deployments import run_deployment
+run = run_deployment("qlora-retrain/retrain-test", timeout=900, poll_interval=2)
+print(run.state.type.value)
+print(run.state.message)
+"""
+
+
+def test_the_served_deployment_promotes_then_is_a_no_op(project, server):
+    env = {**os.environ, "PREFECT_API_URL": server, "PREFECT_HOME": str(project / ".prefect")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    log = project / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "qlora_pipeline", "serve", "--schedule", "test"],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while True:  # registered, with the schedule of conf/schedule/test.yaml
+                found = _api(
+                    project,
+                    server,
+                    "from prefect import get_client\n"
+                    "with get_client(sync_client=True) as c:\n"
+                    "    d = c.read_deployment_by_name('qlora-retrain/retrain-test')\n"
+                    "    print([s.schedule.cron for s in d.schedules])",
+                )
+                if found.returncode == 0:
+                    break
+                assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(2)
+            assert found.stdout.strip() == "['0 3 * * 1']"
+
+            # 1. a triggered run: everything runs, the run is committed, v0.0.1 goes to prod
+            run = _api(project, server, TRIGGER)
+            state, message = run.stdout.strip().splitlines()[-2:]
+            assert state == "COMPLETED", run.stdout + run.stderr + log.read_text()[-3000:]
+            assert message == "promoted qlora-adapter v0.0.1 (before: nothing)"
+            assert _tags(project) == ["qlora-adapter#prod#1", "qlora-adapter@v0.0.1"]
+            author = _git(project, "log", "-1", "--format=%an <%ae> %s")
+            assert author == (
+                "qlora-pipeline <qlora-pipeline@localhost> Retraining run: quality gate PASS"
+            )
+            first = _git(project, "rev-parse", "HEAD")
+            stages = log.read_text().count("Running stage")
+            assert stages >= 10
+
+            # 2. triggered again, nothing changed: no stage runs, nothing is committed or tagged.
+            # The promotion changed the report's input (report.accepted_rev is pinned to the
+            # version in prod), but the models are the ones already judged: no report either.
+            run = _api(project, server, TRIGGER)
+            state, message = run.stdout.strip().splitlines()[-2:]
+            assert state == "COMPLETED", run.stdout + run.stderr
+            assert message == (
+                "no-op: data, config and code unchanged; qlora-adapter v0.0.1 stays in prod"
+            )
+            assert log.read_text().count("Running stage") == stages
+            assert _git(project, "rev-parse", "HEAD") == first and len(_tags(project)) == 2
+            assert _git(project, "status", "--porcelain", "--untracked-files=no") == ""
+        finally:
+            serve.terminate()
+            serve.wait(timeout=60)
+
+
+def test_retraining_retrains_on_new_data_and_refuses(project):
     # 3. new data: prepare and everything downstream rerun, compared paired with v0.0.1
     code, out = _retrain(project, *FAST, "data.synthetic.n_train=2200")
     assert code == 0, out[-3000:]
@@ -83,11 +184,10 @@ def test_retraining_promotes_skips_retrains_and_refuses(project):
     assert "qlora-adapter@v0.0.1" in metrics["accepted"]
     assert metrics["tasks"]["qlora_synthetic_qa"]["vs_accepted"]["paired"] is True
 
-    # 4. new data and an impossible gate: the run is committed, prod stays, exit 3
+    # 4. the data of step 1 again (DVC's run cache restores its outputs) and an impossible gate:
+    # the run is committed, prod stays, exit 3
     tags = _tags(project)
-    code, out = _retrain(
-        project, *FAST, "data.synthetic.n_train=2300", "report.gate.min_gain_over_base=0.99"
-    )
+    code, out = _retrain(project, *FAST, "report.gate.min_gain_over_base=0.99")
     assert code == 3, out[-3000:]
     assert "quality gate FAIL: qlora_synthetic_qa: QLoRA gain over base" in out
     assert "qlora-adapter v0.0.2 stays in prod" in out and _tags(project) == tags

@@ -17,6 +17,9 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
                                         the Prefect flow over the DVC stages (unchanged ones skip)
   qlora-pipeline retrain [OVERRIDES...] the unattended run: nothing changed -> no-op; otherwise run,
                                         commit the run, promote on PASS (exit 3 on FAIL)
+  qlora-pipeline serve [--schedule NAME] [--pool POOL]
+                                        retrain as a deployment on the cron schedule of
+                                        conf/schedule/NAME.yaml (PREFECT_API_URL: the server)
   qlora-pipeline compose [OVERRIDES...] only write params.yaml (--check: fail if it is out of date)
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
@@ -64,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
         "the adapter only if the gate says PASS (refuses a dirty work tree)",
     )
     rt.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.path=data/raw/new")
+    sv = sub.add_parser(
+        "serve",
+        help="the retraining flow as a Prefect deployment on the cron schedule of "
+        "conf/schedule/<name>.yaml, against the server PREFECT_API_URL names",
+    )
+    sv.add_argument(
+        "--schedule", default="default", help="conf/schedule/<name>.yaml (default: %(default)s)"
+    )
+    sv.add_argument(
+        "--pool",
+        help="register on this work pool for a worker (`prefect worker start --pool NAME`) "
+        "instead of serving the runs from this process",
+    )
     comp = sub.add_parser("compose", help="compose conf/ (+ overrides) into params.yaml")
     comp.add_argument("overrides", nargs="*", help="Hydra overrides")
     comp.add_argument(
@@ -256,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        if args.command in ("run", "retrain"):
+        if args.command in ("run", "retrain", "serve"):
             from qlora_pipeline.tracking.dvc import find_root
 
             root = find_root()
@@ -266,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             # No network here: the server's telemetry would log "Failed to send telemetry" as an
             # ERROR on every run, which reads as a failure.
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            if args.command == "serve":
+                from pipelines.serve import serve
+
+                return serve(root, args.schedule, args.pool)
             from pipelines import flow
 
             return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
