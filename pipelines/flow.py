@@ -33,6 +33,7 @@ from qlora_pipeline.tracking.dvc import (
     stage_order,
     write_params,
 )
+from qlora_pipeline.tracking.registry import git
 from qlora_pipeline.tracking.revisions import pinning_overrides
 
 
@@ -88,13 +89,6 @@ def pipeline_flow(root: str, overrides: list[str]) -> str:
     return str(report)
 
 
-def _git(root: str, *args: str) -> str:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise PipelineError(f"git {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout.strip()
-
-
 def _identity(p: PromotionConfig) -> list[str]:
     return ["-c", f"user.name={p.author_name}", "-c", f"user.email={p.author_email}"]
 
@@ -104,9 +98,9 @@ def commit_task(root: str, cfg: PipelineConfig, message: str) -> str:
     """Commit what records the run (dvc.lock, params.yaml, the report, the run records) under
     the configured identity; its commit SHA."""
     files = ["dvc.lock", "params.yaml", cfg.paths.report, cfg.paths.runs]
-    _git(root, "add", "-A", "--", *files)
-    _git(root, *_identity(cfg.promotion), "commit", "-q", "-m", message)
-    sha = _git(root, "rev-parse", "HEAD")
+    git(root, "add", "-A", "--", *files)
+    git(root, *_identity(cfg.promotion), "commit", "-q", "-m", message)
+    sha = git(root, "rev-parse", "HEAD")
     get_run_logger().info("committed the run as %s", sha[:7])
     return sha
 
@@ -142,8 +136,8 @@ def push_task(root: str, p: PromotionConfig) -> None:
         if proc.returncode != 0:
             raise PipelineError(f"dvc push -r {p.dvc_remote}: {proc.stderr.strip()[-500:]}")
     if p.git_remote:
-        _git(root, "push", "-q", p.git_remote, "HEAD")
-        _git(root, "push", "-q", p.git_remote, "--tags")
+        git(root, "push", "-q", p.git_remote, "HEAD")
+        git(root, "push", "-q", p.git_remote, "--tags")
 
 
 def check_work_tree(root: Path, cfg: PipelineConfig) -> None:
@@ -154,7 +148,7 @@ def check_work_tree(root: Path, cfg: PipelineConfig) -> None:
         PipelineError: naming the first changed file, or the two branches.
     """
     registry.require_clean(root)
-    branch = _git(str(root), "rev-parse", "--abbrev-ref", "HEAD")
+    branch = git(str(root), "rev-parse", "--abbrev-ref", "HEAD")
     wanted = cfg.promotion.branch
     if wanted and branch != wanted:
         raise PipelineError(
@@ -183,7 +177,7 @@ def retrain_flow(root: str, overrides: list[str]) -> State:
     # in the work tree were judged when they were committed. Nothing to train, commit or promote.
     changed = [s for s in changed_stages(Path(root)) if s != "report"]
     if not changed:
-        _git(root, "checkout", "--", "params.yaml")  # leave the work tree as it was
+        git(root, "checkout", "--", "params.yaml")  # leave the work tree as it was
         return Completed(message=f"no-op: data, config and code unchanged; {stays}")
     logger.info("changed: %s", ", ".join(changed))
     run_stages(root)

@@ -11,12 +11,12 @@ promoted; a rollback assigns `prod` to an earlier version, recorded like a promo
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.reporting.figures import shipped_qlora
 
 ARTIFACT = "qlora-adapter"  # dvc.yaml `artifacts:`: the first seed's QLoRA adapter
 STAGE = "prod"
@@ -24,7 +24,12 @@ METRICS = "reports/metrics.json"
 PROMOTED = "promoted"  # report.accepted_rev: the version in prod, pinned to its tag at compose time
 
 
-def _git(root: Path, *args: str) -> str:
+def git(root: str | Path, *args: str) -> str:
+    """A git command in `root`; its output.
+
+    Raises:
+        PipelineError: git failed (its message, in one line).
+    """
     proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
         raise PipelineError(f"git {' '.join(args)}: {proc.stderr.strip() or proc.stdout.strip()}")
@@ -37,12 +42,12 @@ def committed_metrics(root: Path, rev: str) -> dict[str, Any]:
     Raises:
         PipelineError: no report committed there.
     """
-    proc = subprocess.run(
-        ["git", "show", f"{rev}:{METRICS}"], cwd=root, capture_output=True, text=True
-    )
-    if proc.returncode != 0:
+    from qlora_pipeline.reporting.history import accepted_metrics
+
+    found, _ = accepted_metrics(rev, root / METRICS)
+    if found is None:
         raise PipelineError(f"{METRICS}: not committed at {rev}; commit the run's reports first")
-    return json.loads(proc.stdout)
+    return found
 
 
 def evidence(metrics: dict[str, Any]) -> str:
@@ -51,9 +56,8 @@ def evidence(metrics: dict[str, Any]) -> str:
     lines = [f"gate {metrics['verdict']}"]
     for task, t in metrics["tasks"].items():
         floor = t.get("noise_floor")
-        shipped = t.get("shipped", {}).get("qlora", {}).get("value", t.get("qlora"))
         lines.append(
-            f"{task}: QLoRA {shipped:.3f} shipped; QLoRA − LoRA {t['gap']:+.3f} "
+            f"{task}: QLoRA {shipped_qlora(t)['value']:.3f} shipped; QLoRA − LoRA {t['gap']:+.3f} "
             f"[{t['gap_ci_low']:+.3f}, {t['gap_ci_high']:+.3f}] pooled; noise floor "
             + ("n/a" if floor is None else f"{floor:.3f}")
         )
@@ -63,7 +67,7 @@ def evidence(metrics: dict[str, Any]) -> str:
 def require_clean(root: Path) -> None:
     """Refuse to act on a work tree with uncommitted changes: a promotion names a commit, and the
     registry must never point at a commit that does not hold what was evaluated."""
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    dirty = git(root, "status", "--porcelain", "--untracked-files=no")
     if dirty:
         first = dirty.splitlines()[0].strip()
         raise PipelineError(
@@ -96,7 +100,7 @@ def promote(
             f"not promoted: the quality gate at {rev} says {metrics.get('verdict')} "
             f"({'; '.join(metrics.get('reasons', []))})"
         )
-    commit = _git(root, "rev-parse", rev)
+    commit = git(root, "rev-parse", rev)
     current = current_version(root)
     if current is not None and current["commit"] == commit:
         raise PipelineError(f"{rev} ({commit[:7]}) is already in {STAGE} as {current['version']}")
@@ -121,7 +125,7 @@ def unpromote(root: Path, version: str) -> None:
     name it (a failed push must not leave a version in prod that is not shared)."""
     for event in _events(root):
         if event["version"] == version and event["event"] in ("registration", "assignment"):
-            _git(root, "tag", "-d", event["ref"])
+            git(root, "tag", "-d", event["ref"])
 
 
 def _events(root: Path) -> list[dict[str, Any]]:
@@ -151,12 +155,16 @@ def current_version(root: Path) -> dict[str, Any] | None:
     }
 
 
-def versions(root: Path) -> list[dict[str, Any]]:
-    """Every registered version, in version order, with its commit and gate evidence."""
-    rows = sorted(
+def _registrations(root: Path) -> list[dict[str, Any]]:
+    """GTO's registration events, in version order."""
+    return sorted(
         (event for event in _events(root) if event["event"] == "registration"),
         key=lambda event: tuple(int(x) for x in event["version"].lstrip("v").split(".")),
     )
+
+
+def versions(root: Path) -> list[dict[str, Any]]:
+    """Every registered version, in version order, with its commit and gate evidence."""
     return [
         {
             "version": event["version"],
@@ -164,7 +172,7 @@ def versions(root: Path) -> list[dict[str, Any]]:
             "created_at": event["timestamp"].isoformat(),
             "metrics": committed_metrics(root, event["commit"]),
         }
-        for event in rows
+        for event in _registrations(root)
     ]
 
 
@@ -180,7 +188,7 @@ def rollback(root: Path, to: str | None = None) -> str:
     current = current_version(root)
     if current is None:
         raise PipelineError(f"nothing is in {STAGE}: there is nothing to roll back")
-    known = [v["version"] for v in versions(root)]
+    known = [event["version"] for event in _registrations(root)]
     if to is None:
         earlier = known[: known.index(current["version"])]
         if not earlier:
