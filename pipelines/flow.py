@@ -15,14 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_client, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
+from prefect.futures import PrefectFuture, wait
 from prefect.states import Completed, Failed, State
 from prefect.transactions import get_transaction, transaction
 
 from qlora_pipeline.config.schema import PipelineConfig, PromotionConfig, load_params
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.files import read_json
+from qlora_pipeline.forkserver import ENV as FORKSERVER_ENV
+from qlora_pipeline.forkserver import serving
+from qlora_pipeline.reporting.document import score_rows
 from qlora_pipeline.reporting.gate import read_verdict
 from qlora_pipeline.reporting.report import write_documents
 from qlora_pipeline.tracking import registry
@@ -33,6 +39,7 @@ from qlora_pipeline.tracking.dvc import (
     stage_order,
     write_params,
 )
+from qlora_pipeline.tracking.perf import config_hash
 from qlora_pipeline.tracking.registry import git
 from qlora_pipeline.tracking.revisions import pinning_overrides
 
@@ -44,11 +51,14 @@ def compose_task(root: str, overrides: list[str]) -> dict:
     return {"paths": vars(cfg.paths)}
 
 
-@task(task_run_name="{stage}", retries=1, retry_delay_seconds=5)
-def stage_task(root: str, stage: str) -> str:
-    """Reproduce one DVC stage (skipped by DVC when nothing it depends on changed)."""
-    get_run_logger().info("dvc repro --single-item %s", stage)
-    repro(Path(root), stage)
+@task(task_run_name="{stage} [config {config}]")
+def stage_task(root: str, stage: str, config: str, slots: str, forkserver: str) -> str:
+    """Reproduce one DVC stage (skipped by DVC when nothing it depends on changed), holding one
+    slot of the global concurrency limit `slots`. Its command runs in the fork server at
+    `forkserver` (an address, never the environment: Prefect stores task parameters)."""
+    with concurrency(slots, occupy=1, strict=True):
+        get_run_logger().info("dvc repro --single-item %s", stage)
+        repro(Path(root), stage, {FORKSERVER_ENV: forkserver})
     return stage
 
 
@@ -69,15 +79,51 @@ def publish_task(root: str) -> str:
     report = Path(root) / p.report / "report.md"
     text = report.read_text(encoding="utf-8")
     create_markdown_artifact(markdown=text, key="quality-gap-report", description="QLoRA vs LoRA")
+    metrics = read_json(Path(root) / p.report / "metrics.json")
+    create_table_artifact(
+        table=score_rows(metrics), key="quality-gap-scores", description="scores [95% CI]"
+    )
     return str(report)
 
 
+def set_slots(name: str, slots: int) -> None:
+    """Create or resize the global concurrency limit every heavy stage holds a slot of."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, slots)
+
+
 def run_stages(root: str) -> str:
-    """Every stage of dvc.yaml in dependency order, then the report published; its path."""
-    done: dict[str, str] = {}
-    for stage, upstream in stage_order(Path(root)):
-        done[stage] = stage_task(root, stage, wait_for=[done[u] for u in upstream])
-    return publish_task(root, wait_for=list(done.values()))
+    """Every stage of dvc.yaml as a concurrent task run that waits for the stages it depends on,
+    at most `orchestration.slots` at once, then the report published; its path.
+
+    The stage commands run in one fork server (`qlora_pipeline.forkserver`): the libraries are
+    imported once for the run, not once per stage.
+
+    Raises:
+        PipelineError: the first stage (in dependency order) that failed, after its retries.
+    """
+    cfg = load_params(Path(root) / "params.yaml")
+    o = cfg.orchestration
+    set_slots(o.limit, o.slots)
+    config = config_hash(Path(root) / "params.yaml")[:8]
+    stage = stage_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delays_s)
+    futures: dict[str, PrefectFuture] = {}
+    with serving(cfg.runtime.cpu_kernels, cfg.runtime.threads) as address:
+        for name, upstream in stage_order(Path(root)):
+            futures[name] = stage.submit(
+                root,
+                name,
+                config,
+                o.limit,
+                address,
+                return_state=False,
+                wait_for=[futures[u] for u in upstream],
+            )
+        wait(list(futures.values()))  # the fork server outlives every stage
+    for future in futures.values():
+        if future.state.is_failed():
+            future.result()  # raises the stage's error
+    return publish_task(root)
 
 
 @flow(name="qlora-pipeline")

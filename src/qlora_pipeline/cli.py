@@ -267,6 +267,11 @@ def _pin_hash_seed(argv: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in STAGES:
+        from qlora_pipeline.forkserver import delegate
+
+        code = delegate(list(sys.argv[1:] if argv is None else argv), args.params)
+        if code is not None:
+            return code
         _pin_hash_seed(argv)
     from qlora_pipeline.runtime import log, setup_logging
 

@@ -179,6 +179,16 @@ class PromotionConfig:
 
 
 @dataclass
+class OrchestrationConfig:
+    """How the flow schedules stages (conf/orchestration/): no stage's params, no hash moves."""
+
+    slots: int = MISSING
+    limit: str = MISSING
+    retries: int = MISSING
+    retry_delays_s: list[float] = MISSING
+
+
+@dataclass
 class RuntimeConfig:
     cpu_kernels: str = "avx2"
     threads: int = 2
@@ -205,6 +215,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -363,6 +374,14 @@ def _validate_values(cfg: PipelineConfig) -> None:
         f"must be > 0 with pinned CPU kernels (the thread count is part of the result), got {cfg.runtime.threads}",
     )
     _check(cfg.runtime.threads >= 0, "runtime.threads", "must be >= 0")
+    o = cfg.orchestration
+    _check(o.slots >= 1, "orchestration.slots", f"must be >= 1, got {o.slots}")
+    _check(o.retries >= 0, "orchestration.retries", f"must be >= 0, got {o.retries}")
+    _check(
+        bool(o.retry_delays_s) and min(o.retry_delays_s) >= 0,
+        "orchestration.retry_delays_s",
+        f"must be a non-empty list of seconds >= 0, got {o.retry_delays_s}",
+    )
 
 
 def validate_dict(raw: dict[str, Any]) -> PipelineConfig:

@@ -81,3 +81,28 @@ def to_html(blocks: list[Block], title: str, folder: Path) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )
+
+
+def _interval(t: dict, key: str) -> str:
+    return f"{t[key]:+.3f} [{t[key + '_ci_low']:+.3f}, {t[key + '_ci_high']:+.3f}]"
+
+
+def score_rows(metrics: dict) -> list[dict[str, str]]:
+    """One row per task of metrics.json: the scores, the gap and the noise floor with their
+    intervals, and the verdict (the Prefect table artifact of a run)."""
+    rows = []
+    for task, t in metrics["tasks"].items():
+        floor = t.get("noise_floor")
+        rows.append(
+            {
+                "task": task,
+                "n": str(t["n"]),
+                "base": f"{t['base']:.3f}",
+                "QLoRA (pooled)": f"{t['qlora']:.3f} ± {t['qlora_stderr']:.3f}",
+                "LoRA (pooled)": f"{t['lora']:.3f} ± {t['lora_stderr']:.3f}",
+                "QLoRA − LoRA [95% CI]": _interval(t, "gap"),
+                "noise floor": "n/a" if floor is None else f"{floor:.3f}",
+                "gate": metrics["verdict"],
+            }
+        )
+    return rows

@@ -70,14 +70,15 @@ def write_params(root: Path, overrides: list[str]) -> PipelineConfig:
 
 
 def stage_order(root: Path) -> list[tuple[str, list[str]]]:
-    """The stages of dvc.yaml in dependency order, each with the stages it waits for."""
+    """The stages of dvc.yaml in dependency order, each with the stages it waits for (by name,
+    whatever the working folder: a served flow run starts elsewhere)."""
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = list(reversed(list(nx.topological_sort(graph))))
-        return [(s.addressing, sorted(d.addressing for d in graph.successors(s))) for s in order]
+        return [(s.name, sorted(d.name for d in graph.successors(s))) for s in order]
 
 
 def changed_stages(root: Path) -> list[str]:
@@ -88,17 +89,22 @@ def changed_stages(root: Path) -> list[str]:
         return sorted(repo.status())
 
 
-def stage_env() -> dict[str, str]:
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for stage commands: this interpreter's bin folder first, so `qlora-pipeline`
-    in dvc.yaml resolves to the same installation that runs the flow."""
+    in dvc.yaml resolves to the same installation that runs the flow; `extra` on top."""
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
+    return {**env, **(extra or {})}
 
 
-def repro(root: Path, stage: str) -> None:
-    """`dvc repro --single-item <stage>`: runs it if its deps or params changed, else skips it."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    proc = subprocess.run(cmd, cwd=root, env=stage_env())
+def repro(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> None:
+    """`dvc repro --single-item <stage>`: runs it if its deps or params changed, else skips it.
+    `extra_env` reaches the stage command (the fork server's address).
+
+    Stages run concurrently in one workspace: DVC releases the repository lock while a command
+    runs, but takes it at the start and the end of each stage, and fails at once when another
+    `dvc` holds it (treeverse/dvc#10465); `--wait-for-lock` makes it wait instead."""
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
+    proc = subprocess.run(cmd, cwd=root, env=stage_env(extra_env))
     if proc.returncode != 0:
         raise PipelineError(f"stage '{stage}' failed (exit {proc.returncode}); its output is above")

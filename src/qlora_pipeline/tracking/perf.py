@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +88,15 @@ def fingerprint(params: Path) -> dict[str, Any]:
 
 def write_record(perf_dir: str | Path, stage: str, params: Path, started: float) -> Path:
     """Write `<perf_dir>/<stage>.json`: wall time, peak memory, the notes and the fingerprint."""
+    wall = time.perf_counter() - started
+    now = datetime.now(timezone.utc)
     record = {
         "stage": stage,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started,
+        "started_at": (now - timedelta(seconds=wall)).isoformat(timespec="milliseconds"),
+        "finished_at": now.isoformat(timespec="milliseconds"),
+        "wall_s": wall,
         **peak_memory_mb(),
+        "forked": False,  # True: run in the flow's fork server (qlora_pipeline.forkserver)
         **_notes,
         "environment": fingerprint(params),
         "command": " ".join(sys.argv[1:]),

@@ -1,0 +1,271 @@
+"""A fork server for stage commands: the heavy libraries imported once per flow run, not per stage.
+
+Every stage is its own process (DVC runs `qlora-pipeline <stage>`), and each used to import torch,
+transformers, peft, bitsandbytes and lm-eval anew: 7-10 s a stage on 2 cores, over a minute of a
+14-stage run. The flow now starts one server (`serving`), which pins the CPU kernels, imports those
+libraries and computes nothing. DVC still runs every stage command, so hashing, skipping, the run
+cache and dvc.lock stay DVC's. The command (`delegate`, first thing in `cli.main`) hands its
+arguments, working folder, environment and stdin/stdout/stderr to the server, which forks a child
+that runs the command with them and sends back its exit status:
+
+    flow -> dvc repro -> qlora-pipeline train qlora --seed 0 -> server: fork -> child runs `train`
+
+A child is a copy of a process that has imported the libraries and run no math, so it computes
+the same bytes a fresh process does (the committed reference run is reproduced with it, in CI).
+It dies with its command: a SIGKILLed stage command takes its child with it. Without a server, with
+a server pinned to other CPU kernels, or when the server is gone, the command runs in its own
+process as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+ENV = "QLORA_PIPELINE_FORKSERVER"  # "<cpu_kernels>/<threads>@<server pid>@<socket path>"
+PRELOAD = (
+    "torch",
+    "transformers",
+    "transformers.trainer",
+    "peft",
+    "bitsandbytes",
+    "datasets",
+    "lm_eval",
+    "lm_eval.models.huggingface",
+    "qlora_pipeline.cli",
+    "qlora_pipeline.modeling.bootstrap",
+    "qlora_pipeline.data.prepare",
+    "qlora_pipeline.training.train",
+    "qlora_pipeline.modeling.export",
+    "qlora_pipeline.evaluation.evaluate",
+    "qlora_pipeline.reporting.report",
+)
+_STATUS = struct.Struct("!i")
+
+
+def pins(cpu_kernels: str, threads: int) -> str:
+    """The pinning a server serves: commands whose params.yaml pins otherwise run on their own."""
+    return f"{cpu_kernels}/{threads}"
+
+
+def _params_pins(params: str) -> str | None:
+    import yaml
+
+    try:
+        runtime = yaml.safe_load(Path(params).read_text(encoding="utf-8"))["runtime"]
+        return pins(runtime["cpu_kernels"], runtime["threads"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None  # the command itself reports a bad params.yaml
+
+
+def _connect(path: str, server_pid: int, timeout: float = 300.0) -> socket.socket | None:
+    """Connect, waiting while the server still imports; None when it is gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                return None
+            time.sleep(0.05)
+    return None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def delegate(argv: list[str], params: str) -> int | None:
+    """Run this stage command in the fork server named by $QLORA_PIPELINE_FORKSERVER.
+
+    Returns:
+        The command's exit status, or None when it must run in this process (no server, a server
+        with other pinned CPU kernels, or one that is gone).
+    """
+    address = os.environ.get(ENV)
+    if not address:
+        return None
+    served, pid, path = address.split("@", 2)
+    if served != _params_pins(params):
+        return None
+    sock = _connect(path, int(pid))
+    if sock is None:
+        return None
+    with sock:
+        body = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+        try:
+            socket.send_fds(sock, [struct.pack("!I", len(body))], [0, 1, 2])
+            sock.sendall(body)
+        except OSError:
+            return None  # e.g. a closed stdin: nothing was started, run here
+        status = _recv_exact(sock, _STATUS.size)
+    if len(status) < _STATUS.size:
+        print("error: the fork server ended before the stage did", file=sys.stderr)
+        return 1
+    return int(_STATUS.unpack(status)[0])
+
+
+def _die_with_client(conn: socket.socket) -> None:
+    """In the child: when the command that asked for it ends (killed), end too."""
+    try:
+        while conn.recv(64):
+            pass
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _child(conn: socket.socket, request: dict, fds: list[int]) -> int:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the server's own handlers are not the stage's
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
+    env = {k: v for k, v in request["env"].items() if k != ENV}
+    env["PYTHONHASHSEED"] = "0"  # what this process runs with (the server was started so)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(request["cwd"])
+    sys.argv = ["qlora-pipeline", *request["argv"]]
+    from qlora_pipeline.cli import main
+    from qlora_pipeline.tracking.perf import note
+
+    note(forked=True)  # in the stage's record
+
+    try:
+        code = main(list(request["argv"]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code
+
+
+def _spawn(conn: socket.socket, listener: socket.socket) -> int | None:
+    """Read one request and fork its child; the child's pid (None: a broken request)."""
+    head, fds, _, _ = socket.recv_fds(conn, 4, 3)
+    if len(head) < 4 or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        return None
+    request = json.loads(_recv_exact(conn, struct.unpack("!I", head)[0]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            listener.close()
+            code = _child(conn, request, fds)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    return pid
+
+
+def _reap(children: dict[int, socket.socket]) -> None:
+    """Send each finished child's exit status to its command (128 + N for signal N)."""
+    while children:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        conn = children.pop(pid, None)
+        if conn is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        with contextlib.suppress(OSError):
+            conn.sendall(_STATUS.pack(128 - code if code < 0 else code))
+        conn.close()
+
+
+def serve(path: str, pinned: str) -> None:
+    """The server: pin the kernels, import the libraries, then fork a child per request until
+    the process that started it (the flow) is gone or it is terminated."""
+    from qlora_pipeline.runtime import pin_cpu, setup_logging
+
+    parent = os.getppid()
+    cpu_kernels, threads = pinned.split("/")
+    setup_logging()  # quiets the libraries' import-time noise, in the children too
+    pin_cpu(cpu_kernels, int(threads))
+    for name in PRELOAD:
+        importlib.import_module(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    children: dict[int, socket.socket] = {}
+    while os.getppid() == parent:
+        ready, _, _ = select.select([listener], [], [], 0.2)
+        if ready:
+            conn, _ = listener.accept()
+            try:
+                pid = _spawn(conn, listener)
+            except (OSError, ValueError):
+                pid = None
+            if pid is None:
+                conn.close()
+            else:
+                children[pid] = conn
+        _reap(children)
+
+
+@contextlib.contextmanager
+def serving(cpu_kernels: str, threads: int) -> Iterator[str]:
+    """Start a fork server for the run's pinned kernels; yields its address, the value of
+    $QLORA_PIPELINE_FORKSERVER for the stage commands. Stopped (its socket removed) on exit."""
+    folder = tempfile.mkdtemp(prefix="qlora-forkserver-")  # short: socket paths are <108 bytes
+    path = os.path.join(folder, "socket")
+    pinned = pins(cpu_kernels, threads)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qlora_pipeline.forkserver", path, pinned],
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield f"{pinned}@{proc.pid}@{path}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stages themselves
+    serve(sys.argv[1], sys.argv[2])

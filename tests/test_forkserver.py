@@ -1,0 +1,105 @@
+"""The fork server (qlora_pipeline.forkserver): a stage command run there writes the same bytes as
+in its own process, dies with its command, and steps aside when it cannot serve."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, copy_project, run_cli
+
+from qlora_pipeline.forkserver import ENV, delegate, serving
+
+SHORT = [*TINY, "model.bootstrap.steps=30"]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
+def _stage(project: Path, address: str | None, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    env.pop(ENV, None)
+    if address:
+        env[ENV] = address
+    return subprocess.Popen(
+        [sys.executable, "-m", "qlora_pipeline", *args],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.fixture
+def project(tmp_path):
+    copy_project(tmp_path)
+    assert run_cli(tmp_path, "-m", "qlora_pipeline", "compose", *SHORT).returncode == 0
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_a_served_stage_writes_the_bytes_of_its_own_process(project):
+    alone = _stage(project, None, "bootstrap")
+    assert alone.wait(timeout=300) == 0, alone.stdout.read()  # type: ignore[union-attr]
+    expected = _digest(project / "models/base")
+    assert json.loads((project / "runs/bootstrap.json").read_text())["forked"] is False
+    for path in (project / "models/base", project / "runs/bootstrap.json"):
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+
+    with serving("avx2", 2) as address:
+        served = _stage(project, address, "bootstrap")
+        assert served.wait(timeout=300) == 0, served.stdout.read()  # type: ignore[union-attr]
+    assert json.loads((project / "runs/bootstrap.json").read_text())["forked"] is True
+    assert _digest(project / "models/base") == expected
+
+
+@pytest.mark.slow
+def test_a_killed_stage_command_takes_its_child_with_it(project):
+    assert run_cli(project, "-m", "qlora_pipeline", "compose", *TINY).returncode == 0  # 600 steps
+    with serving("avx2", 2) as address:
+        server = int(address.split("@")[1])
+        command = _stage(project, address, "bootstrap")
+        deadline = time.monotonic() + 120
+        while not _children(server):  # the server forked the stage's child
+            assert command.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        child = _children(server)[0]
+        time.sleep(3)  # well into pre-training
+        command.send_signal(signal.SIGKILL)
+        command.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and child in _children(server):
+            assert time.monotonic() < deadline, "the child outlived its command"
+            time.sleep(0.1)
+    assert not (project / "models/base").exists()  # nothing half-written under the final name
+
+
+def test_the_command_runs_itself_when_no_server_can_serve_it(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    params.write_text("runtime: {cpu_kernels: avx2, threads: 2}\n")
+    monkeypatch.delenv(ENV, raising=False)
+    assert delegate(["report"], str(params)) is None  # no server
+    monkeypatch.setenv(ENV, f"native/0@{os.getpid()}@{tmp_path / 'socket'}")
+    assert delegate(["report"], str(params)) is None  # a server for other CPU kernels
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monkeypatch.setenv(ENV, f"avx2/2@{gone.pid}@{tmp_path / 'socket'}")
+    assert delegate(["report"], str(params)) is None  # a server that is gone
