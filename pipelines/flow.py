@@ -36,6 +36,7 @@ from qlora_pipeline.tracking.dvc import (
     changed_stages,
     compose,
     repro,
+    stage_env,
     stage_order,
     write_params,
 )
@@ -144,11 +145,29 @@ def commit_task(root: str, cfg: PipelineConfig, message: str) -> str:
     """Commit what records the run (dvc.lock, params.yaml, the report, the run records) under
     the configured identity; its commit SHA."""
     files = ["dvc.lock", "params.yaml", cfg.paths.report, cfg.paths.runs]
+    if cfg.data.frozen_test:  # the frozen evaluation set's .dvc file, once frozen
+        files.append(str(Path(cfg.data.frozen_test).parent))
     git(root, "add", "-A", "--", *files)
     git(root, *_identity(cfg.promotion), "commit", "-q", "-m", message)
     sha = git(root, "rev-parse", "HEAD")
     get_run_logger().info("committed the run as %s", sha[:7])
     return sha
+
+
+@task(task_run_name="freeze the evaluation set")
+def freeze_task(root: str) -> None:
+    """Pin the test split as the evaluation set of every later run (`qlora-pipeline
+    freeze-test`), before the first promotion is evaluated on it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline", "freeze-test"],
+        cwd=root,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise PipelineError(proc.stderr.strip().splitlines()[-1] if proc.stderr else "freeze-test")
+    get_run_logger().info(proc.stdout.strip())
 
 
 @task(task_run_name="register and put in prod")
@@ -226,6 +245,9 @@ def retrain_flow(root: str, overrides: list[str]) -> State:
         git(root, "checkout", "--", "params.yaml")  # leave the work tree as it was
         return Completed(message=f"no-op: data, config and code unchanged; {stays}")
     logger.info("changed: %s", ", ".join(changed))
+    frozen = cfg.data.frozen_test
+    if current is None and frozen and not (Path(root) / frozen).exists():
+        freeze_task(root)  # the first promotion is judged on the set every later run reuses
     run_stages(root)
     verdict, reasons = read_verdict(Path(root) / cfg.paths.report / "metrics.json")
     sha = commit_task(root, cfg, f"Retraining run: quality gate {verdict}")

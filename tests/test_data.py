@@ -444,3 +444,61 @@ def test_cli_bad_input_and_unknown_format_exit_nonzero_with_one_line(
         "error: config key 'data.format': got 'alpacca', expected one of alpaca, chat, prompt_completion, text"
     ]
     assert not (tmp_path / "prepared").exists()
+
+
+# --- the frozen evaluation set ------------------------------------------------------------------
+
+
+def test_a_frozen_test_set_is_reused_and_new_data_only_grows_train(tmp_path, tiny_tokenizer):
+    from qlora_pipeline.data import frozen
+    from qlora_pipeline.data.prepare import clean_splits, read_source
+
+    rows = [{"instruction": f"echo {i}", "output": f"{i}"} for i in range(200)]
+    write_jsonl(tmp_path / "v1.jsonl", rows)
+    cfg = local_cfg(tmp_path / "v1.jsonl", frozen_test=str(tmp_path / "frozen.jsonl"))
+    first, _, _ = clean_splits(cfg, 0, read_source(cfg, 0))
+    frozen.write(tmp_path / "frozen.jsonl", first["test"])  # what freeze-test writes
+    assert frozen.read(tmp_path / "frozen.jsonl") == first["test"]
+
+    # unchanged data: the same three splits with the frozen set as without it
+    again, counts, _ = clean_splits(cfg, 0, read_source(cfg, 0), first["test"])
+    assert again == first and counts["test"] == {"frozen": 20}
+
+    # new data: the old rows (the frozen items among them), 100 new rows and one more copy of a
+    # frozen item. The test split stays the frozen one; no frozen item is left in train or val
+    # (20 dropped as frozen-test copies, the extra copy as a duplicate); train and val grow.
+    copy = {"instruction": first["test"][0][0][1], "output": first["test"][0][1][1]}
+    write_jsonl(
+        tmp_path / "v2.jsonl",
+        [*rows, *[{"instruction": f"new {i}", "output": "x"} for i in range(100)], copy],
+    )
+    cfg2 = local_cfg(tmp_path / "v2.jsonl", frozen_test=cfg.frozen_test)
+    grown, counts, _ = clean_splits(cfg2, 0, read_source(cfg2, 0), first["test"])
+    assert grown["test"] == first["test"]
+    assert counts["train"]["frozen_test_copies_dropped"] == 20
+    assert counts["train"]["duplicates_dropped"] == 1
+    frozen_items = {json.dumps(x) for x in first["test"]}
+    assert not frozen_items & {json.dumps(x) for x in grown["train"] + grown["val"]}
+    assert len(grown["train"]) + len(grown["val"]) == 301 - 20 - 1
+    assert len(grown["val"]) > len(first["val"]) and len(grown["train"]) > len(first["train"])
+
+    # prepare reads the file: the manifest names it, lm-eval's test.jsonl is its items
+    manifest = prepare(cfg2, tiny_tokenizer, 0, tmp_path / "out")
+    assert (
+        manifest["frozen_test"]["sha256"]
+        == sources.read_file(tmp_path / "frozen.jsonl").sources[0]["sha256"]
+    )
+    lines = (tmp_path / "out/test.jsonl").read_text().splitlines()
+    answers = [json.loads(line)["answer"] for line in lines]
+    assert answers == [x[-1][1] for x in first["test"]]
+    assert manifest["counts"]["train"]["frozen_test_copies_dropped"] == 20
+
+
+def test_a_malformed_frozen_set_is_one_line_naming_the_row(tmp_path):
+    from qlora_pipeline.data import frozen
+
+    (tmp_path / "frozen.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "a"}]}\n{"text": 1}\n'
+    )
+    with pytest.raises(PipelineError, match=r"frozen.jsonl:2: a frozen test item must be"):
+        frozen.read(tmp_path / "frozen.jsonl")

@@ -153,6 +153,10 @@ def test_the_served_deployment_promotes_then_is_a_no_op(project, server):
                 "qlora-pipeline <qlora-pipeline@localhost> Retraining run: quality gate PASS"
             )
             first = _git(project, "rev-parse", "HEAD")
+            # the evaluation set was frozen for it, committed with the run, pushed with it
+            assert "data/frozen/test.jsonl.dvc" in _git(project, "ls-files", "data/frozen")
+            manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+            assert manifest["frozen_test"]["path"] == "data/frozen/test.jsonl"
             stages = log.read_text().count("Running stage")
             assert stages >= 10
 
@@ -171,6 +175,48 @@ def test_the_served_deployment_promotes_then_is_a_no_op(project, server):
         finally:
             serve.terminate()
             serve.wait(timeout=60)
+
+
+def test_a_second_clone_fetches_the_promoted_adapter_from_the_remote(project):
+    """The promotion pushed data and adapters to the default DVC remote (a folder beside the
+    checkout); a clone finds the version in prod with GTO, pulls it, loads it with plain peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    store = project.parent / "qlora-pipeline-store"
+    assert store.is_dir() and any(store.rglob("*")), "the promotion pushed nothing"
+    clone = project.parent / f"{project.name}-clone"
+    subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
+    gto = Path(sys.executable).parent / "gto"
+    ref = subprocess.run(
+        [str(gto), "show", "qlora-adapter#prod", "--ref"],
+        cwd=clone,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    assert ref == "qlora-adapter@v0.0.1"
+    _git(clone, "checkout", "-q", ref)
+    assert not (clone / "models").exists()
+    adapter = "models/adapters/qlora/seed0"
+    pull = subprocess.run(
+        [sys.executable, "-m", "dvc", "pull", "models/base", adapter],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+    )
+    assert pull.returncode == 0, pull.stdout + pull.stderr
+
+    def logits(root: Path) -> torch.Tensor:
+        base = AutoModelForCausalLM.from_pretrained(root / "models/base", use_safetensors=True)
+        model = PeftModel.from_pretrained(base, root / adapter).eval()
+        with torch.no_grad():
+            return model(torch.arange(1, 17).unsqueeze(0)).logits
+
+    tree = _git(project, "rev-parse", f"{ref}^{{tree}}")
+    assert _git(clone, "rev-parse", "HEAD^{tree}") == tree
+    assert torch.equal(logits(clone), logits(project))  # the promoted adapter, fetched
 
 
 def test_retraining_retrains_on_new_data_and_refuses(project):
@@ -213,3 +259,36 @@ def test_a_dirty_work_tree_is_refused(project):
         assert "Running stage" not in out
     finally:
         _git(project, "checkout", "--", "dvc.yaml")
+
+
+def test_the_evaluation_set_changes_only_by_a_recorded_reset(project):
+    frozen = project / "data/frozen/test.jsonl"
+    before = frozen.read_bytes()
+    again = run_cli(project, "-m", "qlora_pipeline", "freeze-test", *FAST)
+    assert again.returncode == 2 and "the evaluation set is already frozen" in again.stderr
+    unsaid = run_cli(project, "-m", "qlora_pipeline", "freeze-test", "--reset", *FAST)
+    assert unsaid.returncode == 2 and "needs -m WHY" in unsaid.stderr
+    same = run_cli(project, "-m", "qlora_pipeline", "freeze-test", "--reset", "-m", "x", *FAST)
+    assert same.returncode == 2 and "nothing to reset" in same.stderr
+    assert frozen.read_bytes() == before
+
+    reset = run_cli(
+        project,
+        "-m",
+        "qlora_pipeline",
+        "freeze-test",
+        "--reset",
+        "-m",
+        "a larger test set",
+        *FAST,
+        "data.synthetic.n_test=60",
+    )
+    assert reset.returncode == 0, reset.stdout + reset.stderr
+    assert _git(project, "log", "-1", "--format=%s") == (
+        "Evaluation set reset: a larger test set (60 items)"
+    )
+    assert _git(project, "show", "--name-only", "--format=", "HEAD") == (
+        "data/frozen/test.jsonl.dvc"
+    )
+    assert len(frozen.read_text().splitlines()) == 60
+    assert _git(project, "status", "--porcelain", "--untracked-files=no") == ""

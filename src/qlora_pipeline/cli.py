@@ -36,6 +36,9 @@ Registry (GTO git tags on the `qlora-adapter` artifact of dvc.yaml):
   qlora-pipeline promoted               the version in prod and its gate evidence
   qlora-pipeline history                every version: commit, verdict, gap [CI], noise floor
   qlora-pipeline rollback [--to V]      put an earlier version in prod (recorded like a promotion)
+  qlora-pipeline freeze-test [--reset -m WHY]
+                                        pin the evaluation set (data.frozen_test); the first
+                                        retrain does it; --reset replaces it, committed on its own
   qlora-pipeline plan [--model ID] ...  training memory estimate per method; does it fit the GPU?
 
 Overrides use Hydra syntax, e.g.  train.max_steps=200  data=local data.path=data/raw/my.jsonl
@@ -142,6 +145,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--rev", default="HEAD", help="the commit holding the run (default: HEAD)")
     pr.add_argument("-m", "--message", default="", help="a note kept in the version's tag")
+    fz = sub.add_parser(
+        "freeze-test",
+        help="freeze the test split the data gives now as the evaluation set of every later run "
+        "(data.frozen_test, DVC-tracked); the first `retrain` does this itself",
+    )
+    fz.add_argument(
+        "--reset",
+        action="store_true",
+        help="replace an existing frozen set: later comparisons with earlier versions are then "
+        "unpaired; committed as a decision of its own (needs a clean work tree)",
+    )
+    fz.add_argument("-m", "--message", default="", help="why the evaluation set changes (--reset)")
+    fz.add_argument(
+        "overrides", nargs="*", help="Hydra overrides for the data to freeze from (as for run)"
+    )
     sub.add_parser("promoted", help="the version in prod and its gate evidence")
     sub.add_parser("history", help="every registered version with its gate evidence")
     rb = sub.add_parser("rollback", help="put an earlier version in prod")
@@ -255,6 +273,32 @@ def registry_command(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def freeze_command(args: argparse.Namespace, root: Path) -> int:
+    """freeze-test [--reset -m WHY]: pin the evaluation set; a reset is committed on its own."""
+    from qlora_pipeline.tracking.dvc import freeze_test, pinned_params
+    from qlora_pipeline.tracking.registry import git, require_clean
+
+    if args.reset:
+        if not args.message:
+            raise PipelineError("freeze-test --reset needs -m WHY: the decision is recorded")
+        require_clean(root)
+    os.chdir(root)
+    _, cfg = pinned_params(root, args.overrides)
+    path, n = freeze_test(root, cfg, reset=args.reset)
+    rel = path.relative_to(root)
+    if args.reset:
+        if not git(root, "status", "--porcelain", "--", f"{rel}.dvc"):
+            raise PipelineError(
+                f"{rel}: the data gives the test split that is frozen already; nothing to reset"
+            )
+        git(root, "add", "--", f"{rel}.dvc", str(rel.parent / ".gitignore"))
+        git(root, "commit", "-q", "-m", f"Evaluation set reset: {args.message} ({n} items)")
+        print(f"froze {n} test items -> {rel} and committed the reset; push with `dvc push`")
+    else:
+        print(f"froze {n} test items -> {rel}; commit {rel}.dvc, push with `dvc push`")
+    return 0
+
+
 def _pin_hash_seed(argv: list[str] | None) -> None:
     """Re-execute once with PYTHONHASHSEED=0 so set iteration order (peft's target_modules, for
     one) is the same in every process; only for a real command line (argv None), not in tests."""
@@ -328,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{source}: seq_len {args.seq_len}, batch {args.batch}\n{table}")
             return 0
+        if args.command == "freeze-test":
+            from qlora_pipeline.tracking.dvc import find_root
+
+            return freeze_command(args, find_root())
         if args.command in REGISTRY:
             from qlora_pipeline.tracking.dvc import find_root
 

@@ -88,6 +88,7 @@ class DataConfig:
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
     packing: bool = False
     synthetic: SyntheticConfig | None = None
+    frozen_test: str | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.config.schema import DataConfig
-from qlora_pipeline.data import clean, formats, pack, sources, templates
+from qlora_pipeline.data import clean, formats, frozen, pack, sources, templates
 from qlora_pipeline.data.synthetic import generate
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.files import atomic_dir, read_json, sha256_text, write_json
@@ -203,12 +203,23 @@ def _select(items: list, keep: list[int]) -> list:
 
 
 def clean_splits(
-    cfg: DataConfig, seed: int, raw: dict[str, sources.Rows]
+    cfg: DataConfig,
+    seed: int,
+    raw: dict[str, sources.Rows],
+    frozen_test: list[formats.Conversation] | None = None,
 ) -> tuple[dict[str, list[formats.Conversation]], dict[str, dict[str, int]], dict[str, Any]]:
     """Parse, drop empty rows, dedupe, shuffle, cut missing splits by ratio, cap, and check
-    contamination. Returns conversations per split, counts per split, contamination figures."""
+    contamination. Returns conversations per split, counts per split, contamination figures.
+
+    With `frozen_test` (the frozen evaluation set, `data/frozen.py`), that is the test split: the
+    source's own test rows are not read, no test rows are cut from train, and train/val rows
+    equal to a frozen test item are dropped (counted as `frozen_test_copies_dropped`)."""
     counts: dict[str, dict[str, int]] = {}
     splits: dict[str, list[formats.Conversation]] = {}
+    if frozen_test is not None:
+        raw = {name: rows for name, rows in raw.items() if name != "test"}
+        splits["test"] = frozen_test
+        counts["test"] = {"frozen": len(frozen_test)}
     for name, rows in raw.items():
         conversations = to_conversations(cfg, rows)
         c = counts[name] = {"read": len(conversations)}
@@ -222,6 +233,12 @@ def clean_splits(
     if cfg.shuffle:
         rng.shuffle(splits["train"])
     pool = len(splits["train"])  # missing splits are cut from train, deduplicated as one pool
+    if frozen_test is not None:  # after `pool`: unchanged data gives the splits it gave unfrozen
+        frozen = {clean.exact_key(x) for x in frozen_test}
+        for name in [n for n in ("train", "val") if n in splits]:
+            kept = [x for x in splits[name] if clean.exact_key(x) not in frozen]
+            counts[name]["frozen_test_copies_dropped"] = len(splits[name]) - len(kept)
+            splits[name] = kept
     for name, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
         if name not in splits:
             n = max(1, round(pool * fraction)) if pool > 2 else 0
@@ -247,7 +264,7 @@ def clean_splits(
             "max_overlap": round(max(overlaps, default=0.0), 4),
             "mean_overlap": round(sum(overlaps) / len(overlaps), 4) if overlaps else 0.0,
         }
-        if c_cfg.drop:
+        if c_cfg.drop and not (name == "test" and frozen_test is not None):  # frozen: kept
             splits[name] = [x for x, bad in zip(splits[name], flagged, strict=True) if not bad]
             counts[name]["contaminated_dropped"] = sum(flagged)
     return splits, counts, figures
@@ -326,7 +343,12 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
 
     out_dir = Path(out_dir)
     raw = read_source(cfg, seed)
+    frozen_path = Path(cfg.frozen_test) if cfg.frozen_test else None
+    frozen_test = frozen.read(frozen_path) if frozen_path and frozen_path.is_file() else None
+    if frozen_test is not None and frozen_path is not None:
+        raw["frozen_test"] = sources.read_file(frozen_path)  # its sha256 enters the cache key
     key = cache_key(cfg, seed, raw, tokenizer)
+    frozen_source = raw.pop("frozen_test").sources[0] if "frozen_test" in raw else None
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file() and (out_dir / "dataset").is_dir():
         previous = read_json(manifest_path)
@@ -334,7 +356,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
             log.info("prepare: cache hit (%s unchanged) -> %s", describe(cfg), out_dir)
             return previous
     template = templates.resolve(cfg.template, tokenizer)
-    splits, counts, contamination = clean_splits(cfg, seed, raw)
+    splits, counts, contamination = clean_splits(cfg, seed, raw, frozen_test)
     datasets: dict[str, Dataset] = {}
     segments: dict[str, list] = {}
     lengths: dict[str, list[int]] = {}
@@ -376,6 +398,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
             "name": describe(cfg),
             "files": {name: rows.sources for name, rows in raw.items()},
         },
+        "frozen_test": frozen_source,  # the frozen evaluation set the test split is, if any
         "format": cfg.format,
         "template": template,
         "seed": seed,

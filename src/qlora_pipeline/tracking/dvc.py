@@ -108,3 +108,39 @@ def repro(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> No
     proc = subprocess.run(cmd, cwd=root, env=stage_env(extra_env))
     if proc.returncode != 0:
         raise PipelineError(f"stage '{stage}' failed (exit {proc.returncode}); its output is above")
+
+
+def freeze_test(root: Path, cfg: PipelineConfig, reset: bool = False) -> tuple[Path, int]:
+    """Freeze the test split the data gives now to `data.frozen_test`, tracked by DVC (`dvc add`:
+    the `.dvc` file goes to git, the items to the remote with the next push). Paths in `cfg` are
+    relative to `root`, which must be the working folder.
+
+    Returns:
+        The frozen file and its number of items.
+
+    Raises:
+        PipelineError: `data.frozen_test` is null, or a frozen set exists and `reset` is off.
+    """
+    from qlora_pipeline.data import frozen
+    from qlora_pipeline.data.prepare import clean_splits, read_source
+
+    if not cfg.data.frozen_test:
+        raise PipelineError("config key 'data.frozen_test' is null: no frozen evaluation set")
+    path = root / cfg.data.frozen_test
+    if path.exists() and not reset:
+        raise PipelineError(
+            f"{cfg.data.frozen_test}: the evaluation set is already frozen "
+            f"({len(frozen.read(path))} items); replacing it resets every comparison with "
+            "earlier versions: `qlora-pipeline freeze-test --reset -m WHY`"
+        )
+    splits, _, _ = clean_splits(cfg.data, cfg.seed, read_source(cfg.data, cfg.seed))
+    frozen.write(path, splits["test"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "add", "-q", str(path.relative_to(root))],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise PipelineError(f"dvc add {path}: {proc.stderr.strip()[-300:]}")
+    return path, len(splits["test"])
