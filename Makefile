@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench-prepare bench-cpu-kernels clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench-prepare bench-cpu-kernels bench-stage-startup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -44,6 +44,9 @@ check-reference: run ## after `make run`: the committed reference run must be re
 
 bench-cpu-kernels: setup ## speed of native vs pinned (avx2, compatible) CPU kernels, side by side
 	$(BIN)/python benchmarks/bench_cpu_kernels.py
+
+bench-stage-startup: setup ## stage commands in their own process vs in the flow's fork server, side by side
+	$(BIN)/python benchmarks/bench_stage_startup.py
 
 bench-prepare: setup ## time the prepare step on 100k generated rows (prints a table)
 	$(BIN)/python scripts/bench_prepare.py

@@ -155,11 +155,11 @@ def commit_task(root: str, cfg: PipelineConfig, message: str) -> str:
 
 
 @task(task_run_name="freeze the evaluation set")
-def freeze_task(root: str) -> None:
+def freeze_task(root: str, overrides: list[str]) -> None:
     """Pin the test split as the evaluation set of every later run (`qlora-pipeline
     freeze-test`), before the first promotion is evaluated on it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "qlora_pipeline", "freeze-test"],
+        [sys.executable, "-m", "qlora_pipeline", "freeze-test", *overrides],
         cwd=root,
         env=stage_env(),
         capture_output=True,
@@ -247,7 +247,7 @@ def retrain_flow(root: str, overrides: list[str]) -> State:
     logger.info("changed: %s", ", ".join(changed))
     frozen = cfg.data.frozen_test
     if current is None and frozen and not (Path(root) / frozen).exists():
-        freeze_task(root)  # the first promotion is judged on the set every later run reuses
+        freeze_task(root, overrides)  # the first promotion is judged on the set later runs reuse
     run_stages(root)
     verdict, reasons = read_verdict(Path(root) / cfg.paths.report / "metrics.json")
     sha = commit_task(root, cfg, f"Retraining run: quality gate {verdict}")

@@ -96,6 +96,7 @@ def tiny_cfg(tmp_path_factory):
     _, cfg = compose(ROOT, TINY)
     for name in ("base", "data", "adapters", "checkpoints", "exports", "eval", "report", "runs"):
         setattr(cfg.paths, name, str(work / name))
+    cfg.paths.output_roots = [str(tmp_path_factory.getbasetemp())]  # outputs outside the project
     return cfg
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import copy_project, run_cli
 
 from qlora_pipeline.config.schema import validate_dict
 from qlora_pipeline.errors import ConfigError
@@ -68,6 +69,18 @@ def test_qlora_is_lora_plus_quantization_only():
         (["data.splits={dev: x}"], "data.splits.dev"),
         (["data.length_policy=chop"], "data.length_policy"),
         (["data.synthetic.skills=[reverse,fly]"], "data.synthetic.skills"),
+        (["orchestration.slots=0"], "orchestration.slots"),
+        (["orchestration.retry_delays_s=[]"], "orchestration.retry_delays_s"),
+        (["paths.data=data"], "paths.data"),  # would contain data/raw
+        (["paths.base=src/models"], "paths.base"),
+        (["paths.eval=conf"], "paths.eval"),
+        (["paths.report=/tmp/reports"], "paths.report"),  # outside the project and the roots
+        (["paths.output_roots=[/scratch]", "paths.report=/tmp/reports"], "paths.report"),
+        (["paths.output_roots=[scratch]"], "paths.output_roots[0]"),
+        (["paths.runs=../runs"], "paths.runs"),
+        (["paths.exports=."], "paths.exports"),  # the project itself
+        (["paths.runs=reports"], "paths.runs"),  # another output's folder
+        (["data=local", "data.path=data/incoming", "paths.data=data/incoming"], "paths.data"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key):
@@ -76,6 +89,13 @@ def test_bad_config_names_the_key(overrides, key):
     message = str(err.value)
     assert key in message
     assert "\n" not in message
+
+
+def test_outputs_may_go_to_a_configured_scratch_disk():
+    _, cfg = compose(
+        ROOT, ["paths.output_roots=[/scratch/qlora]", "paths.eval=/scratch/qlora/eval"]
+    )
+    assert cfg.paths.eval == "/scratch/qlora/eval"
 
 
 def test_unknown_top_level_key_is_rejected():
@@ -105,6 +125,25 @@ def test_cli_bad_override_is_one_line_and_leaves_params_untouched(tmp_path):
     assert lines[-1].startswith("error: config key 'methods.qlora.quantization.quant_type'")
     assert "Traceback" not in proc.stderr
     assert (ROOT / "params.yaml").read_bytes() == before
+
+
+def test_an_output_over_the_users_data_is_refused_before_anything_runs(tmp_path):
+    """`run paths.data=data` (a plausible typo) once replaced data/ whole, data/raw/ with it."""
+    copy_project(tmp_path)
+    params = (tmp_path / "params.yaml").read_bytes()
+    mine = tmp_path / "data/raw/mine.jsonl"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_text('{"instruction": "a", "output": "b"}\n')
+    proc = run_cli(tmp_path, "-m", "qlora_pipeline", "run", "paths.data=data")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [
+        "error: config key 'paths.data': 'data' overlaps the input 'data/raw'; an output folder "
+        "is replaced whole, so it must not equal, contain or sit inside what the pipeline reads"
+    ]
+    assert mine.read_text() == '{"instruction": "a", "output": "b"}\n'
+    assert (tmp_path / "params.yaml").read_bytes() == params
+    assert not (tmp_path / "models").exists()
 
 
 def test_cli_help_explains_commands():

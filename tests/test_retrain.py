@@ -1,7 +1,9 @@
 """The unattended retraining flow in a scratch clone. Served as a deployment against a real
 Prefect server (its own process, port and database), triggered through the API: it promotes, then
-is a no-op. From the CLI: new data retrains and is compared paired with the promoted version, a
-forced FAIL leaves prod alone, and a failed push takes the promotion back (Prefect transaction)."""
+is a no-op. A process work pool's worker runs it too, then retrains on new data, compared paired
+with the promoted version on the frozen evaluation set. From the CLI: a forced FAIL leaves prod
+alone, a failed push takes the promotion back (Prefect transaction), a rollback restores the
+previous version."""
 
 from __future__ import annotations
 
@@ -219,17 +221,75 @@ def test_a_second_clone_fetches_the_promoted_adapter_from_the_remote(project):
     assert torch.equal(logits(clone), logits(project))  # the promoted adapter, fetched
 
 
-def test_retraining_retrains_on_new_data_and_refuses(project):
-    # 3. new data: prepare and everything downstream rerun, compared paired with v0.0.1
-    code, out = _retrain(project, *FAST, "data.synthetic.n_train=2200")
-    assert code == 0, out[-3000:]
-    ran = re.findall(r"Running stage '([^']+)'", out)
-    assert ran[0] == "prepare" and "bootstrap" not in ran and "report" in ran
-    assert "promoted qlora-adapter v0.0.2 (before: qlora-adapter v0.0.1)" in out
-    metrics = json.loads((project / "reports/metrics.json").read_text())
-    assert "qlora-adapter@v0.0.1" in metrics["accepted"]
-    assert metrics["tasks"]["qlora_synthetic_qa"]["vs_accepted"]["paired"] is True
+def test_a_worker_on_a_process_pool_runs_the_deployment(project, server):
+    """`serve --pool`: the deployment is registered on a work pool and returns; a `prefect worker`
+    on that pool picks up the triggered run and runs the flow (here a no-op: nothing changed)."""
+    env = {**os.environ, "PREFECT_API_URL": server, "PREFECT_HOME": str(project / ".prefect")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    prefect = [sys.executable, "-m", "prefect"]
+    create = ["work-pool", "create", "retrain-pool", "--type", "process"]
+    made = subprocess.run([*prefect, *create], cwd=project, env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    serve = [sys.executable, "-m", "qlora_pipeline", "serve", "--schedule", "test"]
+    registered = subprocess.run(
+        [*serve, "--pool", "retrain-pool"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    pools = _api(
+        project,
+        server,
+        "from prefect import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    d = c.read_deployment_by_name('qlora-retrain/retrain-test')\n"
+        "    print(d.work_pool_name, [s.schedule.cron for s in d.schedules])",
+    )
+    assert pools.stdout.strip() == "retrain-pool ['0 3 * * 1']", pools.stdout + pools.stderr
+    log = project / "worker.log"
+    with open(log, "w") as out:
+        worker = subprocess.Popen(
+            [*prefect, "worker", "start", "--pool", "retrain-pool"],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            head = _git(project, "rev-parse", "HEAD")
+            run = _api(project, server, TRIGGER)
+            state, message = run.stdout.strip().splitlines()[-2:]
+            assert state == "COMPLETED", run.stdout + run.stderr + log.read_text()[-3000:]
+            assert message == (
+                "no-op: data, config and code unchanged; qlora-adapter v0.0.1 stays in prod"
+            )
+            assert "retrain-pool" in log.read_text()  # the worker ran it
+            assert _git(project, "rev-parse", "HEAD") == head
 
+            # new data, triggered with the run's parameters: prepare and everything downstream
+            # rerun, compared paired with v0.0.1 on the frozen evaluation set, v0.0.2 promoted
+            frozen = (project / "data/frozen/test.jsonl").read_bytes()
+            new_data = {"root": str(project), "overrides": [*FAST, "data.synthetic.n_train=2200"]}
+            run = _api(
+                project,
+                server,
+                TRIGGER.replace("timeout=900", f"parameters={new_data!r}, timeout=900"),
+            )
+            state, message = run.stdout.strip().splitlines()[-2:]
+            assert state == "COMPLETED", run.stdout + run.stderr + log.read_text()[-3000:]
+            assert message == "promoted qlora-adapter v0.0.2 (before: qlora-adapter v0.0.1)"
+            ran = re.findall(r"Running stage '([^']+)'", log.read_text())
+            assert ran[0] == "prepare" and "bootstrap" not in ran and "report" in ran
+            metrics = json.loads((project / "reports/metrics.json").read_text())
+            assert "qlora-adapter@v0.0.1" in metrics["accepted"]
+            assert metrics["tasks"]["qlora_synthetic_qa"]["vs_accepted"]["paired"] is True
+            assert (project / "data/frozen/test.jsonl").read_bytes() == frozen
+            manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+            assert manifest["counts"]["train"]["read"] == 2200
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+
+
+def test_retraining_from_the_cli_fails_the_gate_rolls_back_and_refuses(project):
     # 4. the data of step 1 again (DVC's run cache restores its outputs) and an impossible gate:
     # the run is committed, prod stays, exit 3
     tags = _tags(project)
@@ -249,6 +309,13 @@ def test_retraining_retrains_on_new_data_and_refuses(project):
     assert _tags(project) == tags  # no v0.0.3: prod is still v0.0.2
     promoted = run_cli(project, "-m", "qlora_pipeline", "promoted")
     assert promoted.stdout.startswith("qlora-adapter v0.0.2 in prod")
+
+    # 6. a rollback puts v0.0.1 back in prod, recorded as an assignment of its own
+    back = run_cli(project, "-m", "qlora_pipeline", "rollback")
+    assert back.returncode == 0 and "prod is now qlora-adapter v0.0.1" in back.stdout
+    promoted = run_cli(project, "-m", "qlora_pipeline", "promoted")
+    assert promoted.stdout.startswith("qlora-adapter v0.0.1 in prod")
+    assert "qlora-adapter#prod#3" in _tags(project)
 
 
 def test_a_dirty_work_tree_is_refused(project):

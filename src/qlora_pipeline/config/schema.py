@@ -6,8 +6,9 @@ the result: unknown keys, wrong types and bad values stop with one line naming t
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -205,6 +206,7 @@ class PathsConfig:
     eval: str = "results/eval"
     report: str = "reports"
     runs: str = "runs"
+    output_roots: list[str] = field(default_factory=list)  # not an output: where they may go
 
 
 @dataclass
@@ -236,7 +238,67 @@ def _positive(value: float, key: str) -> None:
     _check(value > 0, key, f"must be > 0, got {value}")
 
 
+# What the pipeline reads and must never replace: every output folder is replaced whole.
+INPUT_FOLDERS = ("data/raw", "data/frozen", "conf", "src", "pipelines", "tests", ".dvc", ".git")
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def _inside(path: str, roots: list[str]) -> bool:
+    return any(path.startswith(posixpath.normpath(r).rstrip("/") + "/") for r in roots)
+
+
+def _check_output_paths(cfg: PipelineConfig) -> None:
+    """Every `paths.*` output stays inside the project (relative, no `..`) or inside one of
+    `paths.output_roots` (absolute folders, e.g. a scratch disk), and none equals, contains or
+    sits inside an input (the folders above, `data.path`, a local `model.path`) or another
+    output."""
+    roots = cfg.paths.output_roots
+    for i, root in enumerate(roots):
+        _check(
+            PurePosixPath(root).is_absolute() and posixpath.normpath(root) != "/",
+            f"paths.output_roots[{i}]",
+            f"must be an absolute folder other than '/', got {root!r}",
+        )
+    inputs = list(INPUT_FOLDERS)
+    for where in (cfg.data.path, cfg.model.path):
+        if where:
+            inputs.append(posixpath.normpath(where))
+    seen: dict[str, str] = {}
+    for key, value in vars(cfg.paths).items():
+        if key == "output_roots":
+            continue
+        path = PurePosixPath(value)
+        norm = posixpath.normpath(value)
+        inside = (
+            _inside(norm, roots) if path.is_absolute() else ".." not in path.parts and norm != "."
+        )
+        _check(
+            inside,
+            f"paths.{key}",
+            f"must be a folder inside the project (relative, no '..') or inside one of "
+            f"paths.output_roots {roots}, got {value!r}",
+        )
+        for other in inputs:
+            _check(
+                not _overlaps(norm, other),
+                f"paths.{key}",
+                f"{value!r} overlaps the input {other!r}; an output folder is replaced whole, "
+                "so it must not equal, contain or sit inside what the pipeline reads",
+            )
+        for other_key, other in seen.items():
+            _check(
+                not _overlaps(norm, other),
+                f"paths.{key}",
+                f"{value!r} overlaps paths.{other_key} ({other!r}); outputs need folders of their own",
+            )
+        seen[key] = norm
+
+
 def _validate_values(cfg: PipelineConfig) -> None:
+    _check_output_paths(cfg)
     m = cfg.model
     _one_of(m.source, ("bootstrap", "pretrained"), "model.source")
     if m.source == "bootstrap":

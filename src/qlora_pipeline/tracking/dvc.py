@@ -74,11 +74,17 @@ def stage_order(root: Path) -> list[tuple[str, list[str]]]:
     whatever the working folder: a served flow run starts elsewhere)."""
     import networkx as nx
     from dvc.repo import Repo
+    from dvc.stage import PipelineStage
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         order = list(reversed(list(nx.topological_sort(graph))))
-        return [(s.name, sorted(d.name for d in graph.successors(s))) for s in order]
+        # Only stages of dvc.yaml: a `.dvc` file (the frozen evaluation set) is data, not a task.
+        staged = [s for s in order if isinstance(s, PipelineStage)]
+        return [
+            (s.name, sorted(d.name for d in graph.successors(s) if isinstance(d, PipelineStage)))
+            for s in staged
+        ]
 
 
 def changed_stages(root: Path) -> list[str]:
