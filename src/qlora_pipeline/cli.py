@@ -331,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
             # No network here: the server's telemetry would log "Failed to send telemetry" as an
             # ERROR on every run, which reads as a failure.
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            # A stage waiting for a slot of the concurrency limit retries after the server's
+            # Retry-After, by default up to 30 s (the average slot occupancy): the slot would sit
+            # idle between stages. 1 s for the temporary server a run starts; set it on yours.
+            os.environ.setdefault(
+                "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", "1"
+            )
             if args.command == "serve":
                 from pipelines.serve import serve
 
