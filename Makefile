@@ -17,7 +17,7 @@ run: setup ## compose conf/ and run the whole pipeline (Prefect flow over DVC st
 	$(BIN)/qlora-pipeline run $(OVERRIDES)
 
 test: setup lint ## lint, type-check, then the whole test suite (CPU; GPU tests skip)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=12
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

@@ -357,6 +357,7 @@ def test_gate_command_exits_nonzero_on_fail(tmp_path, capsys):
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"]["report"] = str(tmp_path)
+    params["paths"]["output_roots"] = [str(tmp_path.parent)]  # a report outside the project
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     args = ["--params", str(tmp_path / "params.yaml"), "gate"]
     assert main(args) == 2

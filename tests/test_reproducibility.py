@@ -192,11 +192,19 @@ def test_an_accepted_run_under_another_protocol_is_refused_naming_the_difference
     assert compared is accepted and "compared anyway" in note
 
 
-def test_another_test_set_is_compared_but_said_to_be_unpaired():
+def test_a_run_on_another_evaluation_set_is_not_compared():
     compared, note = comparable_accepted(
         {"protocol": PROTOCOL, "test_set": "old"}, "HEAD", PROTOCOL, "new", False
     )
-    assert compared is not None and "unpaired" in note
+    assert compared is None
+    assert note == (
+        "HEAD: evaluated on another evaluation set; not compared (a reset of the evaluation "
+        "set restarts the comparisons)"
+    )
+    compared, _ = comparable_accepted(
+        {"protocol": PROTOCOL, "test_set": "new"}, "HEAD", PROTOCOL, "new", False
+    )
+    assert compared is not None
     compared, note = comparable_accepted({"tasks": {}}, "HEAD", PROTOCOL, "new", False)
     assert compared is None and "records no evaluation protocol" in note
 

@@ -75,8 +75,10 @@ def comparable_accepted(
             f"protocol changed, compared anyway (report.allow_protocol_change): {'; '.join(changes)}"
         )
     if accepted.get("test_set") != test_set:
-        notes.append(
-            "another test set: the Δ is unpaired (different items), not a paired comparison"
+        return (
+            None,
+            f"{accepted_from}: evaluated on another evaluation set; not compared (a reset of "
+            "the evaluation set restarts the comparisons)",
         )
     return accepted, "; ".join(notes)
 

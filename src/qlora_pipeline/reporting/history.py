@@ -60,9 +60,10 @@ def accepted_metrics(rev: str | None, path: str | Path) -> tuple[dict[str, Any] 
         return None, f"{rel} at {rev} is not valid JSON"
 
 
-def anchor_rev(path: str | Path, protocol: dict[str, Any]) -> str | None:
-    """The oldest commit whose `path` (reports/metrics.json) records `protocol`: the first
-    accepted run under this evaluation protocol, which slow drift is measured against."""
+def anchor_rev(path: str | Path, protocol: dict[str, Any], test_set: str) -> str | None:
+    """The oldest commit whose `path` (reports/metrics.json) records `protocol` and the
+    evaluation set `test_set`: the first accepted run under this evaluation protocol and set,
+    which slow drift is measured against."""
     found = _repo_path(Path(path))
     if found is None:
         return None
@@ -71,7 +72,8 @@ def anchor_rev(path: str | Path, protocol: dict[str, Any]) -> str | None:
     for commit in reversed(log.stdout.split()):
         shown = _git(root, "show", f"{commit}:{rel}")
         try:
-            if shown.returncode == 0 and json.loads(shown.stdout).get("protocol") == protocol:
+            report = json.loads(shown.stdout) if shown.returncode == 0 else {}
+            if report.get("protocol") == protocol and report.get("test_set") == test_set:
                 return commit
         except json.JSONDecodeError:
             continue

@@ -72,14 +72,16 @@ def trained_runs(cfg: PipelineConfig, adapters_dir: Path) -> dict[str, dict[str,
     }
 
 
-def past_revs(cfg: PipelineConfig, metrics_path: Path, protocol: dict) -> dict[str, Any]:
+def past_revs(
+    cfg: PipelineConfig, metrics_path: Path, protocol: dict, test_set: str
+) -> dict[str, Any]:
     """The git revisions of the accepted and anchor runs, or why there is none.
 
     With `report.accepted_rev: promoted` (the default) the accepted run is the version in prod
     (pinned to its registry tag at compose time; resolved here when `dvc exp run` composed the
-    params) and the anchor is the first registered version under this evaluation protocol.
-    Otherwise the accepted run is any git revision, and the anchor the oldest commit whose report
-    records this protocol.
+    params) and the anchor is the first registered version under this evaluation protocol and
+    set. Otherwise the accepted run is any git revision, and the anchor the oldest commit whose
+    report records this protocol and set.
     """
     accepted = cfg.report.accepted_rev
     root = repo_root(metrics_path)
@@ -89,14 +91,14 @@ def past_revs(cfg: PipelineConfig, metrics_path: Path, protocol: dict) -> dict[s
     anchor = cfg.report.anchor_rev
     if anchor is None and root is not None:
         anchor = (
-            registry.first_ref_under(root, protocol)
+            registry.first_ref_under(root, protocol, test_set)
             if from_registry
-            else anchor_rev(metrics_path, protocol)
+            else anchor_rev(metrics_path, protocol, test_set)
         )
     none = "no promoted version yet (`qlora-pipeline promote`)" if from_registry else None
     return {
         "accepted": (accepted, none or "comparison off (report.accepted_rev: null)"),
-        "anchor": (anchor, none or "no accepted run under this evaluation protocol yet"),
+        "anchor": (anchor, none or "no accepted run under this protocol and evaluation set yet"),
     }
 
 
@@ -105,7 +107,7 @@ def past_runs(cfg: PipelineConfig, out_dir: Path, protocol: dict, test_set: str)
     scores when the test set is the same)."""
     metrics_path = out_dir / "metrics.json"
     found_runs = {}
-    for name, (rev, why_none) in past_revs(cfg, metrics_path, protocol).items():
+    for name, (rev, why_none) in past_revs(cfg, metrics_path, protocol, test_set).items():
         run, where = accepted_metrics(rev, metrics_path) if rev is not None else (None, why_none)
         found, where = gate.comparable_accepted(
             run, where, protocol, test_set, cfg.report.allow_protocol_change

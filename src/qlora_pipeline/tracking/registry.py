@@ -217,10 +217,11 @@ def promoted_ref(root: Path) -> str | None:
     return None if current is None else version_ref(current["version"])
 
 
-def first_ref_under(root: Path, protocol: dict[str, Any]) -> str | None:
-    """The first registered version evaluated under `protocol`: the anchor of slow drift."""
+def first_ref_under(root: Path, protocol: dict[str, Any], test_set: str) -> str | None:
+    """The first registered version evaluated under `protocol` on the evaluation set `test_set`:
+    the anchor of slow drift (a reset of the evaluation set starts a new one)."""
     for v in versions(root):
-        if v["metrics"].get("protocol") == protocol:
+        if v["metrics"].get("protocol") == protocol and v["metrics"].get("test_set") == test_set:
             return version_ref(v["version"])
     return None
 
