@@ -43,6 +43,7 @@ from qlora_pipeline.tracking.dvc import (
 from qlora_pipeline.tracking.perf import config_hash
 from qlora_pipeline.tracking.registry import git
 from qlora_pipeline.tracking.revisions import pinning_overrides
+from qlora_pipeline.tracking.runlock import exclusive
 
 
 @task(task_run_name="compose params.yaml")
@@ -130,8 +131,9 @@ def run_stages(root: str) -> str:
 @flow(name="qlora-pipeline")
 def pipeline_flow(root: str, overrides: list[str]) -> str:
     """Compose the config, run every stage of dvc.yaml in dependency order, publish the report."""
-    compose_task(root, overrides)
-    report = run_stages(root)
+    with exclusive(Path(root), "flow qlora-pipeline"):
+        compose_task(root, overrides)
+        report = run_stages(root)
     get_run_logger().info("report: %s (and report.html, metrics.json beside it)", report)
     return str(report)
 
@@ -230,7 +232,13 @@ def check_task(root: str, overrides: list[str]) -> None:
 @flow(name="qlora-retrain")
 def retrain_flow(root: str, overrides: list[str]) -> State:
     """The scheduled retraining run: no-op when data, config and code are unchanged; otherwise
-    run, commit, and promote only on PASS (all or nothing)."""
+    run, commit, and promote only on PASS (all or nothing). One run per checkout at a time."""
+    with exclusive(Path(root), "flow qlora-retrain"):
+        return retraining(root, overrides)
+
+
+def retraining(root: str, overrides: list[str]) -> State:
+    """The body of `retrain_flow`, inside its flow run and the checkout's run lock."""
     logger = get_run_logger()
     check_task(root, overrides)  # again here: a served deployment's runs start in this flow
     compose_task(root, overrides)
@@ -280,8 +288,9 @@ def run(root: Path, overrides: list[str]) -> int:
     Returns 0, 1 when a stage failed, or 3 when the quality gate says FAIL and
     `report.gate.enforce` is on (the report is written either way).
     """
-    cfg = check_overrides(root, overrides)
-    state = pipeline_flow(str(root), list(overrides), return_state=True)
+    with exclusive(root, "qlora-pipeline run"):
+        cfg = check_overrides(root, overrides)
+        state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
         print(f"error: pipeline failed: {state.message}", file=sys.stderr)
         return 1
@@ -299,8 +308,9 @@ def retrain(root: Path, overrides: list[str]) -> int:
     Returns 0 (promoted, or nothing changed), 3 (the gate said FAIL: the run is committed, prod
     is untouched) or 1 (a stage, the commit or the push failed; a promotion is taken back).
     """
-    check_work_tree(root, check_overrides(root, overrides))  # fail fast, before Prefect starts
-    state = retrain_flow(str(root), list(overrides), return_state=True)
+    with exclusive(root, "qlora-pipeline retrain"):
+        check_work_tree(root, check_overrides(root, overrides))  # fail fast, before Prefect
+        state = retrain_flow(str(root), list(overrides), return_state=True)
     print(state.message, file=sys.stderr if state.is_failed() else sys.stdout)
     if state.is_completed():
         return 0

@@ -137,6 +137,31 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tiny_tokenizer):
     )
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5"])
+def test_multi_turn_chat_with_real_templates_whose_end_of_turn_is_not_eos(tiny_tokenizer, family):
+    """Two assistant turns with the real template of a family whose end-of-turn token is not the
+    tokenizer's EOS: each response ends with EOS (the model learns to stop), every other byte is
+    the template's own rendering, and the evaluation prompt is everything before the last one."""
+    tok = type(tiny_tokenizer).from_pretrained(tiny_tokenizer.name_or_path)
+    tok.chat_template = (ROOT / f"tests/assets/chat_templates/{family}.jinja").read_text()
+    eos = tok.eos_token
+    conversation = [
+        ("user", "reverse a b"),
+        ("assistant", "b a"),
+        ("user", "sort c a b"),
+        ("assistant", "a b c"),
+    ]
+    segments = templates.render(conversation, "chat_template", tok)
+    assert [is_response for _, is_response in segments] == [False, True, False, True]
+    assert all(text.endswith(eos) for text, is_response in segments if is_response)
+    messages = [{"role": r, "content": c} for r, c in conversation]
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert "".join(text for text, _ in segments).replace(eos, "") == rendered.replace(eos, "")
+    assert "b a" in segments[1][0] and "a b c" in segments[3][0]
+    before_last = tok.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+    assert templates.eval_prompt(segments).replace(eos, "") == before_last.replace(eos, "")
+
+
 def test_record_formats_and_column_mapping():
     assert to_conversation(
         {"instruction": "i", "input": "x", "output": "o", "system": "s"}, "r", "alpaca"
@@ -502,3 +527,29 @@ def test_a_malformed_frozen_set_is_one_line_naming_the_row(tmp_path):
     )
     with pytest.raises(PipelineError, match=r"frozen.jsonl:2: a frozen test item must be"):
         frozen.read(tmp_path / "frozen.jsonl")
+
+
+def test_test_items_longer_than_the_context_are_dropped_and_counted(tmp_path, tiny_tokenizer):
+    rows = [{"instruction": f"echo {i}", "output": f"{i}"} for i in range(60)]
+    rows += [{"instruction": f"long {i}", "output": " ".join(["word"] * 400)} for i in range(20)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = local_cfg(tmp_path / "d.jsonl", test_fraction=0.5, val_fraction=0.1)
+    manifest = prepare(cfg, tiny_tokenizer, 0, tmp_path / "out", context=128)
+    dropped = manifest["counts"]["test"]["longer_than_context_dropped"]
+    test_rows = (tmp_path / "out/test.jsonl").read_text().splitlines()
+    assert dropped > 0 and len(test_rows) == manifest["splits"]["test"]["rows"]
+    assert all("word word" not in json.loads(r)["answer"] for r in test_rows)
+    assert manifest["context"] == 128
+    with pytest.raises(PipelineError) as err:
+        prepare(
+            local_cfg(tmp_path / "d.jsonl", max_length=512),
+            tiny_tokenizer,
+            0,
+            tmp_path / "x",
+            context=128,
+        )
+    assert str(err.value) == (
+        "config key 'data.max_length': 512 is above the model's context "
+        "(max_position_embeddings 128); use at most 128"
+    )
+    assert not (tmp_path / "x").exists()

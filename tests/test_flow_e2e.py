@@ -9,19 +9,41 @@ import subprocess
 
 import pytest
 import torch
-from conftest import TINY, copy_project, run_cli
+from conftest import ROOT, TINY, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
+
+SECRETS = {  # fake credentials the run's environment carries
+    "HF_TOKEN": "hf_FakeTokenForTheLeakTest0123456789",
+    "AWS_SECRET_ACCESS_KEY": "FakeAwsSecretForTheLeakTest/0123456789",
+    "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent/fake-gcp-credentials-0123456789.json",
+}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     project = tmp_path_factory.mktemp("project")
     copy_project(project)
-    proc = run_cli(project, "-m", "qlora_pipeline", "run", *TINY)
+    proc = run_cli(project, "-m", "qlora_pipeline", "run", *TINY, env=SECRETS)
     (project / "run.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return project
+
+
+def test_no_secret_from_the_environment_reaches_any_output(project):
+    """Fake credentials in the run's environment: none of their bytes in any file the run wrote
+    (outputs, manifests, run records, reports, DVC's cache and lock, Prefect's database with its
+    task parameters, logs and artifacts) nor in what it printed."""
+    leaked = []
+    for path in project.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            source = ROOT / path.relative_to(project)
+            if source.is_file() and source.read_bytes() == data:
+                continue  # a file of the checkout (this test names the secrets), not an output
+            leaked += [f"{path}: {k}" for k, v in SECRETS.items() if v.encode() in data]
+    assert not leaked, leaked
+    assert (project / ".prefect").is_dir() and (project / "run.log").is_file()  # searched
 
 
 def test_report_names_both_methods_and_fine_tuning_beats_base(project):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -21,7 +22,7 @@ TWO_SLOTS = [
     *TINY,
     "seeds=[0]",
     "model.bootstrap.steps=100",  # the flow is under test, not what the model learns
-    "train.max_steps=60",
+    "train.max_steps=150",  # long enough for the two arms' runs to overlap
     "train.eval_steps=null",
     "train.save_steps=null",
     "orchestration.slots=2",
@@ -89,3 +90,27 @@ def test_two_slots_run_the_arms_at_once_and_a_transient_failure_is_retried(tmp_p
     assert rows[0]["QLoRA − LoRA [95% CI]"] == (
         f"{gap['gap']:+.3f} [{gap['gap_ci_low']:+.3f}, {gap['gap_ci_high']:+.3f}]"
     )
+
+
+def test_a_second_run_in_the_same_checkout_is_refused_with_one_line(tmp_path):
+    from conftest import run_cli
+
+    from qlora_pipeline.tracking.runlock import exclusive, lock_path
+
+    copy_project(tmp_path)
+    params = (tmp_path / "params.yaml").read_bytes()
+    with exclusive(tmp_path, "qlora-pipeline run"):  # a first run, in this process
+        second = run_cli(tmp_path, "-m", "qlora_pipeline", "run", "train.max_steps=5")
+        retrain = run_cli(tmp_path, "-m", "qlora_pipeline", "retrain")
+    for proc in (second, retrain):
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(
+            "error: another qlora-pipeline run is in progress in this checkout "
+            f"(qlora-pipeline run, pid {os.getpid()}, since "
+        ), lines
+    assert (tmp_path / "params.yaml").read_bytes() == params  # nothing written
+    assert not (tmp_path / "models").exists()
+    # released when its holder ends, however it ends: the next run may start
+    with exclusive(tmp_path, "qlora-pipeline run"):
+        assert "pid" in lock_path(tmp_path).read_text()

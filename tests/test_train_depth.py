@@ -260,6 +260,23 @@ def test_export_merges_within_tolerance_and_loads_without_peft(
     )
 
 
+@pytest.mark.gpu
+def test_logits_of_models_on_two_devices_are_compared_on_one(tiny_base, tiny_data, tiny_tokenizer):
+    """The export compares the 4-bit model, the unmerged and the saved merged model: on a GPU
+    machine they sit on different devices, and their logits are compared on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_pipeline.modeling import export as export_mod
+
+    texts = export_mod.prompts(tiny_data)
+    on_cpu = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    on_gpu = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).to("cuda")
+    a = export_mod.logits(on_gpu.eval(), tiny_tokenizer, texts)
+    b = export_mod.logits(on_cpu, tiny_tokenizer, texts)
+    assert a[0].device.type == b[0].device.type == "cpu"
+    assert export_mod.compare(a, b)["top1_agreement"] >= 0.95
+
+
 def test_export_out_of_tolerance_writes_nothing(
     trained, tiny_cfg, tiny_base, tiny_data, tmp_path, monkeypatch
 ):

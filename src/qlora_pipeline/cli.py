@@ -211,9 +211,11 @@ def _stage(args: argparse.Namespace) -> None:
         bootstrap(cfg.model, cfg.seed, p.base)
     elif args.command == "prepare":
         from qlora_pipeline.data.prepare import prepare
-        from qlora_pipeline.modeling.load import load_tokenizer
+        from qlora_pipeline.modeling.load import base_context, load_tokenizer
 
-        prepare(cfg.data, load_tokenizer(p.base, cfg.model.trust_remote_code), cfg.seed, p.data)
+        trust = cfg.model.trust_remote_code
+        tokenizer, context = load_tokenizer(p.base, trust), base_context(p.base, trust)
+        prepare(cfg.data, tokenizer, cfg.seed, p.data, context)
     elif args.command == "train":
         from qlora_pipeline.training.train import train
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -18,24 +20,65 @@ def seed_dir(folder: str | Path, seed: int) -> Path:
     return Path(folder) / f"seed{seed}"
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the C library
+    or the file system has no such call."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def aside_of(target: Path) -> Path:
+    return target.with_name(f".{target.name}.aside")
+
+
+def recover(target: Path) -> None:
+    """Undo what a crash of an earlier replacement left: the previous output moved aside with
+    nothing in its place is put back; an aside copy beside a complete new output, and temporary
+    folders of killed writers, are removed."""
+    aside = aside_of(target)
+    if aside.exists():
+        if target.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, target)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename.
+    """Yield a temporary folder beside `target`; on success it replaces `target` atomically.
 
-    On any exception the temporary folder is removed and `target` is left as it was.
+    At every instant `target` is the old output or the new one, complete: the two are exchanged
+    in one step (`renameat2(RENAME_EXCHANGE)`). Where that call is missing, the old output is
+    moved aside first (`.<name>.aside`), and a crash between the two renames is undone by the next
+    write to `target` (`recover`). On any exception the temporary folder is removed and `target`
+    is left as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, old)
-        os.rename(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif not _exchange(tmp, target):  # exchanged: tmp holds the old output, removed below
+            aside = aside_of(target)
+            os.rename(target, aside)
+            os.rename(tmp, target)
+            shutil.rmtree(aside, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -307,6 +307,17 @@ def tokenize_split(
     return ds, conversations, segments, counts, lengths
 
 
+def fit_context(
+    conversations: list[formats.Conversation], template: str, tokenizer: Any, context: int
+) -> tuple[list[formats.Conversation], int]:
+    """Evaluation items the model can see whole (prompt and answer within `context` tokens), and
+    how many were dropped: an item cut to fit would be scored on a prompt or an answer it never
+    saw (lm-eval would stop on it with an assertion)."""
+    texts = ["".join(t for t, _ in templates.render(x, template, tokenizer)) for x in conversations]
+    keep = [i for i, ids in enumerate(encode(tokenizer, texts)) if len(ids) <= context]
+    return _select(conversations, keep), len(conversations) - len(keep)
+
+
 def write_test_jsonl(path: Path, conversations: list, segments: list, eos: str) -> None:
     """lm-eval rows: `prompt` (everything before the last response), `answer` (its content, for
     exact match) and `target` (the response text as trained, EOS removed, for log-likelihood)."""
@@ -325,13 +336,17 @@ def write_test_jsonl(path: Path, conversations: list, segments: list, eos: str) 
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> dict:
+def prepare(
+    cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path, context: int | None = None
+) -> dict:
     """Write the prepared dataset folder (atomically) and return its manifest.
 
     Args:
         cfg: `data` section.
         tokenizer: the base model's tokenizer.
         seed: seeds generation, shuffling and splitting.
+        context: the base model's context (`max_position_embeddings`): `data.max_length` may not
+            exceed it, and test items longer than it are dropped and counted.
         out_dir: gets `dataset/` (datasets.save_to_disk), `test.jsonl`, `manifest.json` and
             `token_lengths.png`. Left untouched when anything fails.
 
@@ -342,6 +357,11 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
     from datasets import Dataset, DatasetDict
 
     out_dir = Path(out_dir)
+    if context is not None and cfg.max_length > context:
+        raise PipelineError(
+            f"config key 'data.max_length': {cfg.max_length} is above the model's context "
+            f"(max_position_embeddings {context}); use at most {context}"
+        )
     raw = read_source(cfg, seed)
     frozen_path = Path(cfg.frozen_test) if cfg.frozen_test else None
     frozen_test = frozen.read(frozen_path) if frozen_path and frozen_path.is_file() else None
@@ -357,6 +377,16 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
             return previous
     template = templates.resolve(cfg.template, tokenizer)
     splits, counts, contamination = clean_splits(cfg, seed, raw, frozen_test)
+    if context is not None:
+        splits["test"], dropped = fit_context(splits["test"], template, tokenizer, context)
+        counts["test"]["longer_than_context_dropped"] = dropped
+        if dropped:
+            log.warning(
+                "prepare: %d test items are longer than the model's context (%d tokens) and are "
+                "not evaluated (manifest: counts.test.longer_than_context_dropped)",
+                dropped,
+                context,
+            )
     datasets: dict[str, Dataset] = {}
     segments: dict[str, list] = {}
     lengths: dict[str, list[int]] = {}
@@ -404,6 +434,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, seed: int, out_dir: str | Path) -> 
         "seed": seed,
         "loss_on": cfg.loss_on,
         "max_length": cfg.max_length,
+        "context": context,  # the model's; longer test items are dropped (counts.test)
         "length_policy": cfg.length_policy,
         "counts": counts,
         "token_lengths": {name: length_stats(v) for name, v in lengths.items()},

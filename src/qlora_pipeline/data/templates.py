@@ -64,7 +64,7 @@ def _builtin(conversation: Conversation, name: str, bos: str, eos: str) -> list[
 def _chat_template(conversation: Conversation, tokenizer: Any, eos: str) -> list[Segment]:
     messages = [{"role": role, "content": content} for role, content in conversation]
     segments: list[Segment] = []
-    done = ""
+    done = ""  # the template's own text so far: without the EOS added after each response
     for i, (role, _) in enumerate(conversation):
         if role != "assistant":
             continue
@@ -78,10 +78,10 @@ def _chat_template(conversation: Conversation, tokenizer: Any, eos: str) -> list
                 "conversation; set data.template to a built-in one (qa, alpaca, chatml)"
             )
         response = full[len(prompt) :]
-        if eos and eos not in response:
-            response += eos
+        if eos and eos not in response:  # end-of-turn is not EOS (Llama 3, Qwen2.5 base): the
+            response += eos  # model must learn to stop, so EOS follows every response
         segments += [(prompt[len(done) :], False), (response, True)]
-        done = prompt + response
+        done = full
     return segments
 
 

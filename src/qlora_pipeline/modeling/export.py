@@ -41,8 +41,12 @@ def prompts(data_dir: Path, n: int = N_PROMPTS) -> list[str]:
 
 
 def logits(model: Any, tokenizer: Any, texts: list[str]) -> tuple[Any, Any]:
-    """Logits of real prompts, as float32: at every non-padding position, and at each prompt's
-    last position (the prediction of the answer's first token)."""
+    """Logits of real prompts, as float32 on the CPU: at every non-padding position, and at each
+    prompt's last position (the prediction of the answer's first token).
+
+    On the CPU whatever device the model is on: the models compared here live on different ones
+    on a GPU machine (the 4-bit base where bitsandbytes put it, the saved export loaded as a user
+    loads it), and logits compared across devices would fail."""
     import torch
 
     tokenizer.padding_side = "right"
@@ -52,7 +56,8 @@ def logits(model: Any, tokenizer: Any, texts: list[str]) -> tuple[Any, Any]:
         out = model(**batch).logits.float()
     mask = batch["attention_mask"].bool()
     last = batch["attention_mask"].sum(1) - 1
-    return out[mask], out[torch.arange(out.shape[0], device=out.device), last]
+    at_last = out[torch.arange(out.shape[0], device=out.device), last]
+    return out[mask].cpu(), at_last.cpu()
 
 
 def compare(a: tuple[Any, Any], b: tuple[Any, Any]) -> dict[str, float]:

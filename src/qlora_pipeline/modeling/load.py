@@ -44,6 +44,17 @@ def base_source(base_dir: str | Path) -> tuple[str, str | None]:
     return str(info["path"]), info.get("revision")
 
 
+def base_context(base_dir: str | Path, trust_remote_code: bool = False) -> int | None:
+    """The base model's context length (`max_position_embeddings`; None when it has none)."""
+    from transformers import AutoConfig
+
+    source, revision = base_source(base_dir)
+    config = AutoConfig.from_pretrained(
+        source, revision=revision, trust_remote_code=trust_remote_code
+    )
+    return getattr(config, "max_position_embeddings", None)
+
+
 def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

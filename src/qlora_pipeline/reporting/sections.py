@@ -423,6 +423,13 @@ def protocol_blocks(metrics: dict[str, Any]) -> list[Block]:
     ]
 
 
+def _too_long(manifest: dict[str, Any]) -> str:
+    dropped = manifest["counts"]["test"].get("longer_than_context_dropped", 0)
+    if not dropped:
+        return ""
+    return f"; {dropped} test items longer than the model's context ({manifest['context']} tokens) not evaluated"
+
+
 def lineage_blocks(
     cfg: PipelineConfig,
     manifest: dict[str, Any],
@@ -441,7 +448,8 @@ def lineage_blocks(
                 (
                     "data",
                     f"{manifest['source']['name']} ({manifest['format']}, template "
-                    f"{manifest['template']}); prepared data key {manifest['cache_key'][:16]}…",
+                    f"{manifest['template']}); prepared data key {manifest['cache_key'][:16]}…"
+                    + _too_long(manifest),
                 ),
                 *(
                     (
