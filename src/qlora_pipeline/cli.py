@@ -153,8 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     fz.add_argument(
         "--reset",
         action="store_true",
-        help="replace an existing frozen set: later comparisons with earlier versions are then "
-        "unpaired; committed as a decision of its own (needs a clean work tree)",
+        help="replace an existing frozen set: runs on it are not compared with versions judged "
+        "on the old one (the comparisons restart); committed as a decision of its own (needs a "
+        "clean work tree)",
     )
     fz.add_argument("-m", "--message", default="", help="why the evaluation set changes (--reset)")
     fz.add_argument(
