@@ -483,7 +483,7 @@ def test_a_frozen_test_set_is_reused_and_new_data_only_grows_train(tmp_path, tin
     cfg = local_cfg(tmp_path / "v1.jsonl", frozen_test=str(tmp_path / "frozen.jsonl"))
     first, _, _ = clean_splits(cfg, 0, read_source(cfg, 0))
     frozen.write(tmp_path / "frozen.jsonl", first["test"])  # what freeze-test writes
-    assert frozen.read(tmp_path / "frozen.jsonl") == first["test"]
+    assert frozen.read(tmp_path / "frozen.jsonl")[0] == first["test"]
 
     # unchanged data: the same three splits with the frozen set as without it
     again, counts, _ = clean_splits(cfg, 0, read_source(cfg, 0), first["test"])

@@ -29,8 +29,8 @@ def to_jsonl(conversations: list[Conversation]) -> str:
     )
 
 
-def read(path: str | Path) -> list[Conversation]:
-    """The frozen conversations.
+def read(path: str | Path) -> tuple[list[Conversation], dict]:
+    """The frozen conversations, and the file's path, sha256 and row count.
 
     Raises:
         PipelineError: one line naming the file and row of a malformed record.
@@ -49,7 +49,7 @@ def read(path: str | Path) -> list[Conversation]:
                 f'{where}: a frozen test item must be {{"messages": [{{"role", "content"}}, ...]}}'
             )
         out.append([(m["role"], m["content"]) for m in messages])
-    return out
+    return out, rows.sources[0]
 
 
 def write(path: str | Path, conversations: list[Conversation]) -> Path:

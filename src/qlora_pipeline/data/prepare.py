@@ -88,14 +88,22 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return sha256_text(json.dumps(spec))
 
 
-def cache_key(cfg: DataConfig, seed: int, raw: dict[str, sources.Rows], tokenizer: Any) -> str:
-    """Hash of the source content, the data config, the seed, the tokenizer and this code."""
+def cache_key(
+    cfg: DataConfig,
+    seed: int,
+    raw: dict[str, sources.Rows],
+    tokenizer: Any,
+    frozen_test: dict | None = None,
+) -> str:
+    """Hash of the source content, the frozen evaluation set's (if any), the data config, the
+    seed, the tokenizer and this code."""
     return sha256_text(
         json.dumps(
             {
                 "data": dataclasses.asdict(cfg),
                 "seed": seed,
                 "sources": {name: rows.sources for name, rows in sorted(raw.items())},
+                "frozen_test": frozen_test,
                 "tokenizer": tokenizer_hash(tokenizer),
                 "code": code_hash(),
             },
@@ -234,9 +242,9 @@ def clean_splits(
         rng.shuffle(splits["train"])
     pool = len(splits["train"])  # missing splits are cut from train, deduplicated as one pool
     if frozen_test is not None:  # after `pool`: unchanged data gives the splits it gave unfrozen
-        frozen = {clean.exact_key(x) for x in frozen_test}
+        frozen_keys = {clean.exact_key(x) for x in frozen_test}
         for name in [n for n in ("train", "val") if n in splits]:
-            kept = [x for x in splits[name] if clean.exact_key(x) not in frozen]
+            kept = [x for x in splits[name] if clean.exact_key(x) not in frozen_keys]
             counts[name]["frozen_test_copies_dropped"] = len(splits[name]) - len(kept)
             splits[name] = kept
     for name, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
@@ -363,12 +371,10 @@ def prepare(
             f"(max_position_embeddings {context}); use at most {context}"
         )
     raw = read_source(cfg, seed)
-    frozen_path = Path(cfg.frozen_test) if cfg.frozen_test else None
-    frozen_test = frozen.read(frozen_path) if frozen_path and frozen_path.is_file() else None
-    if frozen_test is not None and frozen_path is not None:
-        raw["frozen_test"] = sources.read_file(frozen_path)  # its sha256 enters the cache key
-    key = cache_key(cfg, seed, raw, tokenizer)
-    frozen_source = raw.pop("frozen_test").sources[0] if "frozen_test" in raw else None
+    frozen_test, frozen_source = None, None
+    if cfg.frozen_test and Path(cfg.frozen_test).is_file():
+        frozen_test, frozen_source = frozen.read(cfg.frozen_test)
+    key = cache_key(cfg, seed, raw, tokenizer, frozen_source)
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file() and (out_dir / "dataset").is_dir():
         previous = read_json(manifest_path)

@@ -136,7 +136,7 @@ def freeze_test(root: Path, cfg: PipelineConfig, reset: bool = False) -> tuple[P
     if path.exists() and not reset:
         raise PipelineError(
             f"{cfg.data.frozen_test}: the evaluation set is already frozen "
-            f"({len(frozen.read(path))} items); replacing it resets every comparison with "
+            f"({len(frozen.read(path)[0])} items); replacing it resets every comparison with "
             "earlier versions: `qlora-pipeline freeze-test --reset -m WHY`"
         )
     splits, _, _ = clean_splits(cfg.data, cfg.seed, read_source(cfg.data, cfg.seed))
