@@ -49,7 +49,7 @@ bench-stage-startup: setup ## stage commands in their own process vs in the flow
 	$(BIN)/python benchmarks/bench_stage_startup.py
 
 bench-prepare: setup ## time the prepare step on 100k generated rows (prints a table)
-	$(BIN)/python scripts/bench_prepare.py
+	$(BIN)/python benchmarks/bench_prepare.py
 
 clean: ## remove generated outputs (DVC's cache keeps them restorable)
 	rm -rf models data/prepared results .prefect

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_client, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.events import emit_event
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 from prefect.transactions import get_transaction, transaction
 
 from qlora_pipeline.config.schema import PipelineConfig, PromotionConfig, load_params
-from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.errors import PipelineError, StageInputError
 from qlora_pipeline.files import read_json
 from qlora_pipeline.forkserver import ENV as FORKSERVER_ENV
 from qlora_pipeline.forkserver import serving
@@ -53,14 +54,27 @@ def compose_task(root: str, overrides: list[str]) -> dict:
     return {"paths": vars(cfg.paths)}
 
 
-@task(task_run_name="{stage} [config {config}]")
-def stage_task(root: str, stage: str, config: str, slots: str, forkserver: str) -> str:
+BAD_INPUT = "BadInput"  # the state name of a stage stopped by a problem the user can fix
+
+
+def _retry_unless_bad_input(task: object, task_run: object, state: State) -> bool:
+    return state.name != BAD_INPUT  # the same input fails the same way: no retry
+
+
+@task(task_run_name="{stage} [config {config}]", retry_condition_fn=_retry_unless_bad_input)
+def stage_task(root: str, stage: str, config: str, slots: str, forkserver: str) -> str | State:
     """Reproduce one DVC stage (skipped by DVC when nothing it depends on changed), holding one
     slot of the global concurrency limit `slots`. Its command runs in the fork server at
-    `forkserver` (an address, never the environment: Prefect stores task parameters)."""
+    `forkserver` (an address, never the environment: Prefect stores task parameters).
+
+    A stage stopped by bad input ends as a Failed state named BadInput holding its one line, not
+    an exception: not retried, no traceback."""
     with concurrency(slots, occupy=1, strict=True):
         get_run_logger().info("dvc repro --single-item %s", stage)
-        repro(Path(root), stage, {FORKSERVER_ENV: forkserver})
+        try:
+            repro(Path(root), stage, {FORKSERVER_ENV: forkserver})
+        except StageInputError as e:
+            return Failed(name=BAD_INPUT, message=str(e))
     return stage
 
 
@@ -94,46 +108,67 @@ def set_slots(name: str, slots: int) -> None:
         client.upsert_global_concurrency_limit_by_name(name, slots)
 
 
-def run_stages(root: str) -> str:
-    """Every stage of dvc.yaml as a concurrent task run that waits for the stages it depends on,
-    at most `orchestration.slots` at once, then the report published; its path.
+def run_graph(
+    order: list[tuple[str, list[str]]], submit: Callable[[str, list[PrefectFuture]], PrefectFuture]
+) -> State | None:
+    """Submit each stage of `order` (name, upstream names) once its upstream stages completed,
+    so independent ones run side by side; after a failure, submit nothing more and let the
+    running ones finish. The first failed state, or None when every stage completed."""
+    waiting = dict(order)
+    running: dict[str, PrefectFuture] = {}
+    done: dict[str, PrefectFuture] = {}
+    failed: State | None = None
+    while waiting or running:
+        for name, upstream in list(waiting.items()):
+            if failed is None and all(u in done for u in upstream):
+                running[name] = submit(name, [done[u] for u in upstream])
+                del waiting[name]
+        if not running:
+            break
+        future = next(as_completed(list(running.values())))
+        name = next(n for n, f in running.items() if f is future)
+        del running[name]
+        future.wait()  # as_completed yields when the task's thread ends; its state settles here
+        if future.state.is_completed():
+            done[name] = future
+        elif failed is None:
+            failed = future.state
+    return failed
+
+
+def run_stages(root: str) -> str | State:
+    """Every stage of dvc.yaml as a task run started once the stages it depends on completed,
+    at most `orchestration.slots` at once, then the report published; its path, or the first
+    failed stage's state.
 
     The stage commands run in one fork server (`qlora_pipeline.forkserver`): the libraries are
     imported once for the run, not once per stage.
-
-    Raises:
-        PipelineError: the first stage (in dependency order) that failed, after its retries.
     """
     cfg = load_params(Path(root) / "params.yaml")
     o = cfg.orchestration
     set_slots(o.limit, o.slots)
     config = config_hash(Path(root) / "params.yaml")[:8]
     stage = stage_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delays_s)
-    futures: dict[str, PrefectFuture] = {}
     with serving(cfg.runtime.cpu_kernels, cfg.runtime.threads) as address:
-        for name, upstream in stage_order(Path(root)):
-            futures[name] = stage.submit(
-                root,
-                name,
-                config,
-                o.limit,
-                address,
-                return_state=False,
-                wait_for=[futures[u] for u in upstream],
-            )
-        wait(list(futures.values()))  # the fork server outlives every stage
-    for future in futures.values():
-        if future.state.is_failed():
-            future.result()  # raises the stage's error
+        failed = run_graph(
+            stage_order(Path(root)),
+            lambda name, upstream: stage.submit(
+                root, name, config, o.limit, address, return_state=False, wait_for=upstream
+            ),
+        )
+    if failed is not None:  # a state of its own: a task run's state would be summarized away
+        return Failed(name=failed.name, message=failed.message)
     return publish_task(root)
 
 
 @flow(name="qlora-pipeline")
-def pipeline_flow(root: str, overrides: list[str]) -> str:
+def pipeline_flow(root: str, overrides: list[str]) -> str | State:
     """Compose the config, run every stage of dvc.yaml in dependency order, publish the report."""
     with exclusive(Path(root), "flow qlora-pipeline"):
         compose_task(root, overrides)
         report = run_stages(root)
+    if isinstance(report, State):
+        return report  # the failed stage's state is the run's
     get_run_logger().info("report: %s (and report.html, metrics.json beside it)", report)
     return str(report)
 
@@ -256,7 +291,9 @@ def retraining(root: str, overrides: list[str]) -> State:
     frozen = cfg.data.frozen_test
     if current is None and frozen and not (Path(root) / frozen).exists():
         freeze_task(root, overrides)  # the first promotion is judged on the set later runs reuse
-    run_stages(root)
+    failed = run_stages(root)
+    if isinstance(failed, State):
+        return failed
     verdict, reasons = read_verdict(Path(root) / cfg.paths.report / "metrics.json")
     sha = commit_task(root, cfg, f"Retraining run: quality gate {verdict}")
     resource = {"prefect.resource.id": f"qlora-pipeline.run.{sha}", "commit": sha}
@@ -276,6 +313,15 @@ def retraining(root: str, overrides: list[str]) -> State:
 GATE_FAILED = 3
 
 
+def failure(state: State) -> int:
+    """A failed run's one line and exit code: 2 when a stage stopped on bad input, else 1."""
+    if state.name == BAD_INPUT:
+        print(f"error: {state.message}", file=sys.stderr)
+        return 2
+    print(f"error: pipeline failed: {state.message}", file=sys.stderr)
+    return 1
+
+
 def check_overrides(root: Path, overrides: list[str]) -> PipelineConfig:
     _, cfg = compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
     pinning_overrides(cfg)  # ... or on a hub revision that cannot be pinned to a commit
@@ -292,8 +338,7 @@ def run(root: Path, overrides: list[str]) -> int:
         cfg = check_overrides(root, overrides)
         state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
-        print(f"error: pipeline failed: {state.message}", file=sys.stderr)
-        return 1
+        return failure(state)
     verdict, reasons = read_verdict(root / cfg.paths.report / "metrics.json")
     if verdict != "PASS" and cfg.report.gate.enforce:
         print(f"error: quality gate FAIL: {'; '.join(reasons)}", file=sys.stderr)
@@ -311,7 +356,10 @@ def retrain(root: Path, overrides: list[str]) -> int:
     with exclusive(root, "qlora-pipeline retrain"):
         check_work_tree(root, check_overrides(root, overrides))  # fail fast, before Prefect
         state = retrain_flow(str(root), list(overrides), return_state=True)
-    print(state.message, file=sys.stderr if state.is_failed() else sys.stdout)
     if state.is_completed():
+        print(state.message)
         return 0
-    return GATE_FAILED if (state.message or "").startswith("quality gate FAIL") else 1
+    if (state.message or "").startswith("quality gate FAIL"):
+        print(state.message, file=sys.stderr)
+        return GATE_FAILED
+    return failure(state)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.files import seed_dir
 from qlora_pipeline.runtime import pin_cpu
 
@@ -38,6 +43,22 @@ TINY = [
     "train.logging_steps=5",
     "eval.batch_size=40",
 ]
+
+
+@functools.cache
+def _composed() -> PipelineConfig:
+    from qlora_pipeline.tracking.dvc import compose
+
+    return compose(ROOT, [])[1]
+
+
+def conf_default(section: str, **changes: Any) -> Any:
+    """A section of the default config as `conf/` composes it (the only place defaults live),
+    with `changes`: e.g. conf_default("train.lora", r=8)."""
+    value: Any = _composed()
+    for name in section.split("."):
+        value = value[name] if isinstance(value, dict) else getattr(value, name)
+    return dataclasses.replace(copy.deepcopy(value), **changes)
 
 
 def copy_project(dst: Path) -> None:

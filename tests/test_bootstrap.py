@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from qlora_pipeline.config.schema import BootstrapConfig, ModelConfig
+from conftest import conf_default
+
 from qlora_pipeline.files import sha256_file
 from qlora_pipeline.modeling.bootstrap import bootstrap, corpus_lines, pack
 
@@ -38,9 +39,11 @@ def test_tiny_base_is_a_llama_with_block_aligned_dims(tiny_base, tiny_cfg):
 
 
 def test_bootstrap_is_deterministic(tmp_path):
-    cfg = ModelConfig(
+    cfg = conf_default(
+        "model",
         name="t",
-        bootstrap=BootstrapConfig(
+        bootstrap=conf_default(
+            "model.bootstrap",
             vocab_size=384,
             hidden_size=128,
             intermediate_size=128,
@@ -61,11 +64,3 @@ def test_bootstrap_is_deterministic(tmp_path):
     assert (tmp_path / "a/tokenizer.json").read_bytes() == (
         tmp_path / "b/tokenizer.json"
     ).read_bytes()
-
-
-def test_pretrained_source_writes_only_a_pointer(tmp_path):
-    info = bootstrap(
-        ModelConfig(name="hub", source="pretrained", path="org/model"), 0, tmp_path / "p"
-    )
-    assert info["path"] == "org/model"
-    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["base.json"]

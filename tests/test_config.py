@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import copy_project, run_cli
 
@@ -81,6 +82,20 @@ def test_qlora_is_lora_plus_quantization_only():
         (["paths.exports=."], "paths.exports"),  # the project itself
         (["paths.runs=reports"], "paths.runs"),  # another output's folder
         (["data=local", "data.path=data/incoming", "paths.data=data/incoming"], "paths.data"),
+        (["train.lora.init=loftq"], "train.lora.init"),  # the LoRA arm has no 4-bit base
+        (["train.lora.dropout=1.5"], "train.lora.dropout"),
+        (["data.val_fraction=0.7"], "data.val_fraction"),
+        (["methods.qlora.quantization=null"], "methods.qlora.quantization"),
+        (["methods.qlora.optimizer=sgd"], "methods.qlora.optimizer"),
+        (["methods.lora.base_dtype=int8"], "methods.lora.base_dtype"),
+        (["runtime.cpu_kernels=fastest"], "runtime.cpu_kernels"),
+        (["seeds=[0,0]"], "seeds"),
+        (["train.logging_steps=3", "train.save_steps=10"], "train.save_steps"),  # not a multiple
+        (["eval.tasks=[qlora_nope]"], "eval.tasks"),
+        (["eval.tasks_dir=no/such/tasks"], "eval.tasks_dir"),
+        (["report.gate.tasks=[hellaswag]"], "report.gate.tasks"),  # not an evaluated task
+        (["model.source=pretrained", "model.path=./no/such/model"], "model.path"),
+        (["model.source=pretrained", "model.path=null"], "model.path"),
     ],
 )
 def test_bad_config_names_the_key(overrides, key):
@@ -89,6 +104,18 @@ def test_bad_config_names_the_key(overrides, key):
     message = str(err.value)
     assert key in message
     assert "\n" not in message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU-only option on CPU")
+def test_a_gpu_only_option_is_refused_at_compose_time_on_a_cpu():
+    """LoftQ on two quantized arms would be valid on a GPU; here it stops before anything runs."""
+    with pytest.raises(ConfigError, match=r"'train\.lora\.init': loftq runs on CUDA only"):
+        compose(ROOT, ["method@methods.lora=qlora", "train.lora.init=loftq"])
+
+
+def test_harness_tasks_are_known_without_indexing_them():
+    _, cfg = compose(ROOT, ["eval.tasks=[qlora_synthetic_qa,hellaswag,arc_easy]"])
+    assert cfg.eval.tasks == ["qlora_synthetic_qa", "hellaswag", "arc_easy"]
 
 
 def test_outputs_may_go_to_a_configured_scratch_disk():

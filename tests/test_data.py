@@ -10,11 +10,11 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, conf_default
 from datasets import load_from_disk
 from omegaconf import OmegaConf
 
-from qlora_pipeline.config.schema import DataConfig, SyntheticConfig
+from qlora_pipeline.config.schema import DataConfig
 from qlora_pipeline.data import clean, pack, sources, templates
 from qlora_pipeline.data.formats import to_conversation
 from qlora_pipeline.data.prepare import IGNORE_INDEX, prepare, tokenize_batch
@@ -35,9 +35,10 @@ ALPACA = [
 
 def local_cfg(path, **kwargs) -> DataConfig:
     base = {"name": "t", "source": "local", "path": str(path), "dedupe": True, "shuffle": True}
+    base.update(frozen_test=None)
     base.update(val_fraction=0.1, test_fraction=0.1, max_length=64)
     base.update(kwargs)
-    return DataConfig(**base)
+    return conf_default("data", **base)
 
 
 def write_jsonl(path, rows) -> None:
@@ -63,7 +64,7 @@ def test_skills_answer_correctly():
 
 
 def test_synthetic_is_deterministic_balanced_and_held_out():
-    cfg = SyntheticConfig(n_train=400, n_val=40, n_test=80)
+    cfg = conf_default("data.synthetic", n_train=400, n_val=40, n_test=80)
     first, second = generate(cfg, seed=3), generate(cfg, seed=3)
     assert first == second
     assert generate(cfg, seed=4) != first

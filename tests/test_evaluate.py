@@ -11,7 +11,8 @@ import pytest
 from conftest import adapter_dir
 
 from qlora_pipeline.errors import PipelineError
-from qlora_pipeline.evaluation.evaluate import DEFAULT_TASKS_DIR, resolve_tasks
+from qlora_pipeline.evaluation.catalog import DEFAULT_TASKS_DIR
+from qlora_pipeline.evaluation.evaluate import resolve_tasks
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import resource
 import shutil
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +267,124 @@ def test_dvc_exp_run_composes_conf_like_our_compose(project):
     assert (project / "reports/report.md").read_text().startswith("# Experiment B")
     shown = run_cli(project, "-m", "dvc", "exp", "show", "--json")
     assert "Experiment B" in shown.stdout
+
+
+# --- faults: SIGKILL mid-stage, a refused write, bad input through `run` ------------------------
+
+STAGE_OUTPUTS = {  # a stage command and the output folder it replaces
+    "prepare": (["prepare"], "data/prepared"),
+    "export": (["export", "qlora"], "models/export/qlora"),
+    "evaluate": (["evaluate", "merged"], "results/eval/merged"),
+    "report": (["report"], "reports"),
+}
+# The stage command, killed (SIGKILL) once it has written its whole output under the temporary
+# name and before that output is put in place: the last instant a crash can hit a stage.
+KILLED_STAGE = """
+import contextlib, os, signal, sys
+from qlora_pipeline import cli, files
+from qlora_pipeline.data import prepare
+from qlora_pipeline.evaluation import evaluate
+from qlora_pipeline.modeling import export
+from qlora_pipeline.reporting import report
+
+real = files.atomic_dir
+
+@contextlib.contextmanager
+def killed_before_the_exchange(target):
+    with real(target) as tmp:
+        yield tmp
+        assert any(p.is_file() for p in tmp.rglob("*")), "nothing written yet"
+        os.kill(os.getpid(), signal.SIGKILL)
+
+for module in (prepare, evaluate, export, report):
+    module.atomic_dir = killed_before_the_exchange
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _files(root):
+    """Every file under `root` and its bytes' hash; the temporary folders a kill leaves beside
+    outputs (dot-named, recovered by the next write) are not under a final name."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
+
+
+def _stale(project, out):
+    """Make a stage's output stale but whole, so that its command really rewrites it (prepare
+    is otherwise a cache hit); its files before that."""
+    before = _files(project / out)
+    if out == "data/prepared":
+        manifest = project / out / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"cache_key": "', '"cache_key": "x'))
+    return before
+
+
+@pytest.mark.parametrize("stage", list(STAGE_OUTPUTS))
+def test_a_sigkilled_stage_leaves_its_output_whole_and_the_rerun_gives_the_same(project, stage):
+    argv, out = STAGE_OUTPUTS[stage]
+    before = _stale(project, out)
+    stale = _files(project / out)
+    killed = run_cli(project, "-c", KILLED_STAGE, *argv)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]  # the kill fired
+    assert _files(project / out) == stale  # under its name: the old output, whole
+    assert list((project / out).parent.glob(f".{Path(out).name}.tmp-*"))  # the new one, aside
+    rerun = run_cli(project, "-m", "qlora_pipeline", *argv)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _files(project / out) == before  # the same result as the uninterrupted run
+    assert not list((project / out).parent.glob(f".{Path(out).name}.tmp-*"))  # cleaned up
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_refused_write_is_one_line_and_leaves_the_earlier_output(project):
+    """RLIMIT_FSIZE makes the kernel refuse writes past 64 KiB (root included, unlike a read-only
+    mode bit): prepare stops with one line and the earlier output is untouched."""
+    before = _stale(project, "data/prepared")
+    stale = _files(project / "data/prepared")
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline", "prepare"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(64 * 1024),
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == [
+        "error: data/prepared: writing it failed (File too large); it is left as it was"
+    ]  # the fault fired: EFBIG, not some other failure
+    assert "Traceback" not in proc.stderr
+    assert _files(project / "data/prepared") == stale
+    assert run_cli(project, "-m", "qlora_pipeline", "prepare").returncode == 0
+    assert _files(project / "data/prepared") == before
+
+
+def test_bad_input_met_by_a_stage_is_one_line_and_exit_2_from_run(project):
+    """A malformed row is found by `prepare` inside the flow: `run` exits 2 with that line (the
+    file and row), no traceback, no retry, and the earlier prepared data is untouched."""
+    before = _files(project / "data/prepared")
+    bad = project / "data/raw/bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": 3\n')
+    tiny = [o for o in TINY if not o.startswith("data.")]  # the same base: bootstrap is cached
+    overrides = [*tiny, "data=local", "data.path=data/raw/bad.jsonl", "data.max_length=64"]
+    proc = run_cli(project, "-m", "qlora_pipeline", "run", *overrides)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = "data/raw/bad.jsonl:2: malformed JSON (Expecting ',' delimiter at column 18); expected one JSON object per line"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {said}", f"error: stage 'prepare': {said}"]  # the stage's, run's
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "Retry" not in out and "NotReady" not in out
+    assert re.findall(r"Running stage '([^']+)'", out) == ["prepare"]
+    assert _files(project / "data/prepared") == before

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import conf_default
 
 from qlora_pipeline.modeling.load import attach_lora, load_base
 from qlora_pipeline.modeling.plan import estimate, plan_table
@@ -77,13 +78,11 @@ def test_estimate_matches_a_real_size_random_model_on_gpu(tmp_path, method):
     15% of the checkpointed estimate."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_pipeline.config.schema import LoraConfig, MethodConfig, QuantizationConfig
-
     LlamaForCausalLM(LlamaConfig(**LLAMA_32_1B)).to(torch.bfloat16).save_pretrained(tmp_path)
     (tmp_path / "base.json").write_text(json.dumps({"source": "bootstrap"}))
-    q = QuantizationConfig() if method == "qlora" else None
-    m = MethodConfig(name=method, quantization=q)
-    model = attach_lora(load_base(tmp_path, m), LoraConfig(), m, 0, gradient_checkpointing=True)
+    m = conf_default(f"methods.{method}")
+    lora = conf_default("train.lora")
+    model = attach_lora(load_base(tmp_path, m), lora, m, 0, gradient_checkpointing=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(0, 128256, (4, 2048), device="cuda")

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, conf_default
 
 from qlora_pipeline.config.schema import GateConfig
 from qlora_pipeline.reporting import gate
@@ -138,7 +138,7 @@ _NO_PAST: dict = {"accepted": (None, None), "anchor": (None, None)}
 
 
 def _verdicts(figures: dict, gate_cfg: GateConfig | None = None) -> dict[str, str]:
-    found = gate.conditions({"t": figures}, gate_cfg or GateConfig())
+    found = gate.conditions({"t": figures}, gate_cfg or conf_default("report.gate"))
     return {c["condition"]: c["verdict"] for c in found}
 
 
@@ -149,14 +149,14 @@ def test_the_gate_does_not_fail_on_a_one_item_difference():
     assert figures["vs_accepted"]["paired"] and figures["vs_accepted"]["estimate"] == pytest.approx(
         -0.005
     )
-    verdict, reasons, _ = gate.check({"t": figures}, GateConfig())
+    verdict, reasons, _ = gate.check({"t": figures}, conf_default("report.gate"))
     assert (verdict, reasons) == ("PASS", [])
 
 
 def test_the_gate_fails_on_a_stated_drop_against_the_accepted_run():
     """-10 points on n=200, paired on the same items: significantly worse, FAIL."""
     figures = _figures(BASE, _hits(130), _hits(130), accepted=({"qlora": 0.75}, TRAINED))
-    verdict, reasons, _ = gate.check({"t": figures}, GateConfig())
+    verdict, reasons, _ = gate.check({"t": figures}, conf_default("report.gate"))
     assert verdict == "FAIL"
     assert reasons == [
         "t: QLoRA vs accepted QLoRA: -0.100 "
@@ -186,7 +186,7 @@ def test_the_gate_catches_slow_drift_past_the_cumulative_budget():
     assert verdicts["QLoRA vs accepted QLoRA"] == "PASS"
     assert verdicts["QLoRA vs anchor QLoRA (cumulative drift)"] == "FAIL"
     assert (
-        _verdicts(figures, GateConfig(max_cumulative_drop=None))[
+        _verdicts(figures, conf_default("report.gate", max_cumulative_drop=None))[
             "QLoRA vs anchor QLoRA (cumulative drift)"
         ]
         == "n/a"
@@ -224,10 +224,12 @@ def test_retention_is_undefined_when_lora_gain_is_not_significant():
     lora = _hits(2)  # 1% over a base of 0: an interval that includes 0
     figures = _figures(BASE, _hits(1), lora)
     assert figures["lora_gain_ci_low"] <= 0 and figures["retention"] != figures["retention"]
-    verdicts = _verdicts(figures, GateConfig(min_retention=0.9))
+    verdicts = _verdicts(figures, conf_default("report.gate", min_retention=0.9))
     assert verdicts["retention"] == "n/a"  # not gated on an undefined ratio
     c = next(
-        c for c in gate.conditions({"t": figures}, GateConfig()) if c["condition"] == "retention"
+        c
+        for c in gate.conditions({"t": figures}, conf_default("report.gate"))
+        if c["condition"] == "retention"
     )
     assert "undefined" in c["note"]
     assert retention_text(figures).startswith("undefined")
@@ -284,9 +286,11 @@ def test_gate_only_checks_the_gated_tasks():
     good = _figures(BASE, TRAINED, TRAINED)
     bad = _figures(BASE, BASE.copy(), TRAINED)
     tasks = {"t": good, "u": bad}
-    assert gate.check(tasks, GateConfig(tasks=["t"]))[0] == "PASS"
-    assert gate.check(tasks, GateConfig())[0] == "FAIL"
-    assert gate.check(tasks, GateConfig(tasks=["v"]))[1] == ["v: evaluated: not evaluated"]
+    assert gate.check(tasks, conf_default("report.gate", tasks=["t"]))[0] == "PASS"
+    assert gate.check(tasks, conf_default("report.gate"))[0] == "FAIL"
+    assert gate.check(tasks, conf_default("report.gate", tasks=["v"]))[1] == [
+        "v: evaluated: not evaluated"
+    ]
 
 
 def test_per_item_scores_keep_each_filter_apart(tmp_path):

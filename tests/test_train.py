@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import adapter_dir
+from conftest import adapter_dir, conf_default
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.modeling.device import inputs_for, to_host
 from qlora_pipeline.modeling.load import attach_lora, load_adapted, load_base
 
 
@@ -59,12 +60,10 @@ def test_lora_targets_all_linear_layers_with_configured_rank(tiny_cfg, tiny_base
 
 
 def test_invalid_target_modules_fail_before_training(tiny_cfg, tiny_base):
-    from qlora_pipeline.config.schema import LoraConfig
-
     with pytest.raises(PipelineError, match=r"train\.lora\.target_modules"):
         attach_lora(
             load_base(tiny_base, tiny_cfg.methods["lora"]),
-            LoraConfig(target_modules=["nope_proj"]),
+            conf_default("train.lora", target_modules=["nope_proj"]),
             tiny_cfg.methods["lora"],
             seed=0,
         )
@@ -101,8 +100,8 @@ def _logits(model, tokenizer):
         padding=True,
         add_special_tokens=False,
     )
-    with torch.no_grad():
-        return model(**batch).logits.float()
+    with torch.no_grad():  # on the model's device, compared on the host (a GPU machine too)
+        return to_host(model(**inputs_for(model, batch)).logits)
 
 
 def test_saved_lora_adapter_reloads_with_identical_logits(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 from pathlib import Path
 
-from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.errors import ERROR_FILE_ENV, WRITE_ERRNOS, PipelineError
 
 DESCRIPTION = """\
 QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
@@ -302,6 +303,17 @@ def freeze_command(args: argparse.Namespace, root: Path) -> int:
     return 0
 
 
+def fail(message: str) -> int:
+    """Say `message` as one line and exit 2; a stage command also leaves it where the flow that
+    runs it reads it (ERROR_FILE_ENV)."""
+    line = " ".join(message.split())
+    print(f"error: {line}", file=sys.stderr)
+    where = os.environ.get(ERROR_FILE_ENV)
+    if where:
+        Path(where).write_text(line + "\n", encoding="utf-8")
+    return 2
+
+
 def _pin_hash_seed(argv: list[str] | None) -> None:
     """Re-execute once with PYTHONHASHSEED=0 so set iteration order (peft's target_modules, for
     one) is the same in every process; only for a real command line (argv None), not in tests."""
@@ -397,8 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         _stage(args)
         return 0
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
+    except OSError as e:
+        if errno.errorcode.get(e.errno or 0) not in WRITE_ERRNOS:
+            raise
+        # e.g. RLIMIT_FSIZE or a full disk: the output was being written under a temporary name
+        # (files.atomic_dir), so nothing under a final name is half-written
+        return fail(f"{e.filename or 'writing'}: {e.strerror}; earlier outputs are untouched")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from qlora_pipeline.errors import WRITE_ERRNOS, PipelineError
+
 
 def seed_dir(folder: str | Path, seed: int) -> Path:
     """One training seed's folder in an arm's folder (adapters, evaluations): `<folder>/seed<N>`."""
@@ -65,13 +67,25 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     moved aside first (`.<name>.aside`), and a crash between the two renames is undone by the next
     write to `target` (`recover`). On any exception the temporary folder is removed and `target`
     is left as it was.
+
+    Raises:
+        PipelineError: a write the system refused (full disk, quota, file size limit, read-only
+            folder), naming `target`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            if errno.errorcode.get(e.errno or 0) not in WRITE_ERRNOS:
+                raise
+            what = "left as it was" if target.exists() else "not written"
+            raise PipelineError(
+                f"{target}: writing it failed ({e.strerror}); it is {what}"
+            ) from None
         if not target.exists():
             os.rename(tmp, target)
         elif not _exchange(tmp, target):  # exchanged: tmp holds the old output, removed below

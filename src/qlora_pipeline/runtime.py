@@ -147,12 +147,6 @@ def peak_memory_mb() -> dict[str, float]:
     return out
 
 
-def device_name() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -23,161 +23,159 @@ OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 
 @dataclass
 class BootstrapConfig:
-    vocab_size: int = 512
-    hidden_size: int = 256
-    intermediate_size: int = 768
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    max_position_embeddings: int = 128
-    corpus_lines: int = 60000
-    steps: int = 800
-    batch_size: int = 32
-    seq_len: int = 32
-    lr: float = 1e-3
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    max_position_embeddings: int = MISSING
+    corpus_lines: int = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    seq_len: int = MISSING
+    lr: float = MISSING
 
 
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    source: str = "bootstrap"
-    path: str | None = None
-    revision: str | None = None
-    trust_remote_code: bool = False
-    bootstrap: BootstrapConfig | None = None
+    source: str = MISSING
+    path: str | None = MISSING
+    revision: str | None = MISSING
+    trust_remote_code: bool = MISSING
+    bootstrap: BootstrapConfig | None = MISSING
 
 
 @dataclass
 class SyntheticConfig:
-    skills: list[str] = field(default_factory=lambda: ["reverse", "upper", "sort", "add"])
-    string_length: int = 3
-    n_train: int = 8000
-    n_val: int = 200
-    n_test: int = 200
+    skills: list[str] = MISSING
+    string_length: int = MISSING
+    n_train: int = MISSING
+    n_val: int = MISSING
+    n_test: int = MISSING
 
 
 @dataclass
 class ContaminationConfig:
-    ngram: int = 8
-    threshold: float = 0.5
-    drop: bool = False
+    ngram: int = MISSING
+    threshold: float = MISSING
+    drop: bool = MISSING
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
-    source: str = "synthetic"
-    path: str | None = None
-    hub_config: str | None = None
-    revision: str | None = None
-    splits: dict[str, str] | None = None
-    format: str = "alpaca"
-    columns: dict[str, str] | None = None
-    message_keys: dict[str, str] = field(
-        default_factory=lambda: {"role": "role", "content": "content"}
-    )
-    roles: dict[str, str] | None = None
-    template: str = "auto"
-    loss_on: str = "response"
-    max_length: int = 64
-    length_policy: str = "truncate"
-    dedupe: bool = True
-    shuffle: bool = True
-    max_samples: int | None = None
-    val_fraction: float = 0.025
-    test_fraction: float = 0.025
+    source: str = MISSING
+    path: str | None = MISSING
+    hub_config: str | None = MISSING
+    revision: str | None = MISSING
+    splits: dict[str, str] | None = MISSING
+    format: str = MISSING
+    columns: dict[str, str] | None = MISSING
+    message_keys: dict[str, str] = MISSING
+    roles: dict[str, str] | None = MISSING
+    template: str = MISSING
+    loss_on: str = MISSING
+    max_length: int = MISSING
+    length_policy: str = MISSING
+    dedupe: bool = MISSING
+    shuffle: bool = MISSING
+    max_samples: int | None = MISSING
+    val_fraction: float = MISSING
+    test_fraction: float = MISSING
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)
-    packing: bool = False
-    synthetic: SyntheticConfig | None = None
-    frozen_test: str | None = None
+    packing: bool = MISSING
+    synthetic: SyntheticConfig | None = MISSING
+    frozen_test: str | None = MISSING
 
 
 @dataclass
 class QuantizationConfig:
-    quant_type: str = "nf4"
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"
-    quant_storage: str = "uint8"
-    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    quant_type: str = MISSING
+    double_quant: bool = MISSING
+    compute_dtype: str = MISSING
+    quant_storage: str = MISSING
+    skip_modules: list[str] = MISSING
 
 
 @dataclass
 class MethodConfig:
     name: str = MISSING
-    base_dtype: str = "bfloat16"
-    optimizer: str = "paged_adamw_32bit"
-    quantization: QuantizationConfig | None = None
+    base_dtype: str = MISSING
+    optimizer: str = MISSING
+    quantization: QuantizationConfig | None = MISSING
 
 
 @dataclass
 class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: Any = "all-linear"
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: str = "default"
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    target_modules: Any = MISSING
+    use_rslora: bool = MISSING
+    use_dora: bool = MISSING
+    init: str = MISSING
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 500
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 3e-3
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    grad_accum: int = MISSING
+    lr: float = MISSING
+    lr_scheduler: str = MISSING
+    warmup_ratio: float = MISSING
+    weight_decay: float = MISSING
+    max_grad_norm: float = MISSING
+    gradient_checkpointing: bool = MISSING
     upcast_non_quantized: bool = MISSING
-    logging_steps: int = 1
-    eval_steps: int | None = None
-    save_steps: int | None = None
-    keep_checkpoints: int = 2
-    report_to: list[str] = field(default_factory=list)
+    logging_steps: int = MISSING
+    eval_steps: int | None = MISSING
+    save_steps: int | None = MISSING
+    keep_checkpoints: int = MISSING
+    report_to: list[str] = MISSING
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["qlora_synthetic_qa"])
-    tasks_dir: str | None = None
-    batch_size: int = 64
-    limit: int | None = None
-    num_fewshot: int | None = None
-    max_gen_toks: int = 16
-    gen_kwargs: dict[str, Any] | None = None
+    tasks: list[str] = MISSING
+    tasks_dir: str | None = MISSING
+    batch_size: int = MISSING
+    limit: int | None = MISSING
+    num_fewshot: int | None = MISSING
+    max_gen_toks: int = MISSING
+    gen_kwargs: dict[str, Any] | None = MISSING
 
 
 @dataclass
 class GateConfig:
-    enforce: bool = False
-    tasks: list[str] | None = None
-    min_gain_over_base: float = 0.01
-    max_drop_vs_lora: float = 0.05
-    min_retention: float | None = None
-    max_drop_vs_accepted: float = 0.0
-    max_cumulative_drop: float | None = 0.05
+    enforce: bool = MISSING
+    tasks: list[str] | None = MISSING
+    min_gain_over_base: float = MISSING
+    max_drop_vs_lora: float = MISSING
+    min_retention: float | None = MISSING
+    max_drop_vs_accepted: float = MISSING
+    max_cumulative_drop: float | None = MISSING
 
 
 @dataclass
 class ReportConfig:
-    title: str = "QLoRA vs LoRA quality gap"
-    accepted_rev: str | None = "promoted"
-    anchor_rev: str | None = None
-    allow_protocol_change: bool = False
+    title: str = MISSING
+    accepted_rev: str | None = MISSING
+    anchor_rev: str | None = MISSING
+    allow_protocol_change: bool = MISSING
     gate: GateConfig = field(default_factory=GateConfig)
 
 
 @dataclass
 class PromotionConfig:
-    branch: str | None = None
-    author_name: str = "qlora-pipeline"
-    author_email: str = "qlora-pipeline@localhost"
-    dvc_remote: str | None = None
-    git_remote: str | None = None
+    branch: str | None = MISSING
+    author_name: str = MISSING
+    author_email: str = MISSING
+    dvc_remote: str | None = MISSING
+    git_remote: str | None = MISSING
 
 
 @dataclass
@@ -192,25 +190,28 @@ class OrchestrationConfig:
 
 @dataclass
 class RuntimeConfig:
-    cpu_kernels: str = "avx2"
-    threads: int = 2
+    cpu_kernels: str = MISSING
+    threads: int = MISSING
 
 
 @dataclass
 class PathsConfig:
-    base: str = "models/base"
-    data: str = "data/prepared"
-    adapters: str = "models/adapters"
-    checkpoints: str = "models/checkpoints"
-    exports: str = "models/export"
-    eval: str = "results/eval"
-    report: str = "reports"
-    runs: str = "runs"
-    output_roots: list[str] = field(default_factory=list)  # not an output: where they may go
+    base: str = MISSING
+    data: str = MISSING
+    adapters: str = MISSING
+    checkpoints: str = MISSING
+    exports: str = MISSING
+    eval: str = MISSING
+    report: str = MISSING
+    runs: str = MISSING
+    output_roots: list[str] = MISSING  # not an output: where they may go
 
 
 @dataclass
 class PipelineConfig:
+    """The composed config. Every default lives in `conf/` (MISSING here): a key that `conf/`
+    does not set is an error naming it, never a second, silently different default."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     methods: dict[str, MethodConfig] = field(default_factory=dict)
@@ -219,10 +220,17 @@ class PipelineConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
     orchestration: OrchestrationConfig = field(default_factory=OrchestrationConfig)
-    seed: int = 0
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seed: int = MISSING
+    seeds: list[int] = MISSING
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def _cuda() -> bool:
+    """Whether a GPU is here; asked only when a GPU-only option is set (importing torch costs)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -326,6 +334,14 @@ def _validate_values(cfg: PipelineConfig) -> None:
         _check(
             bool(m.path), "model.path", "required when model.source=pretrained (hub id or folder)"
         )
+        from qlora_pipeline.modeling.checks import is_local
+
+        assert m.path is not None
+        _check(
+            not is_local(m.path) or Path(m.path).expanduser().is_dir(),
+            "model.path",
+            f"no folder {m.path!r} (a hub id is spelled org/name)",
+        )
 
     d = cfg.data
     from qlora_pipeline.data.formats import FIELDS, FORMATS
@@ -388,6 +404,16 @@ def _validate_values(cfg: PipelineConfig) -> None:
     _positive(t.lora.alpha, "train.lora.alpha")
     _check(0 <= t.lora.dropout < 1, "train.lora.dropout", "must be in [0, 1)")
     _one_of(t.lora.init, ("default", "gaussian", "loftq"), "train.lora.init")
+    if t.lora.init == "loftq":
+        plain = sorted(name for name, m in cfg.methods.items() if m.quantization is None)
+        _check(
+            not plain,
+            "train.lora.init",
+            f"loftq starts the adapters from the quantization error of a 4-bit base, but "
+            f"{', '.join(f'methods.{n}' for n in plain)} is not quantized (train.lora is shared by "
+            "both arms, so they would start differently); use default or gaussian",
+        )
+        _check(_cuda(), "train.lora.init", "loftq runs on CUDA only (peft's LoftQ), no GPU here")
     _positive(t.keep_checkpoints, "train.keep_checkpoints")
     for name in ("eval_steps", "save_steps"):
         value = getattr(t, name)
@@ -414,6 +440,21 @@ def _validate_values(cfg: PipelineConfig) -> None:
         f"must be distinct non-negative integers, got {list(cfg.seeds)}",
     )
     _check(bool(cfg.eval.tasks), "eval.tasks", "must name at least one task")
+    from qlora_pipeline.evaluation.catalog import known_task, tasks_dir
+
+    task_dir = tasks_dir(cfg.eval.tasks_dir)
+    _check(
+        cfg.eval.tasks_dir is None or task_dir.is_dir(),
+        "eval.tasks_dir",
+        f"{cfg.eval.tasks_dir!r} is not a folder",
+    )
+    for name in cfg.eval.tasks:
+        _check(
+            known_task(name, task_dir),
+            "eval.tasks",
+            f"unknown task {name!r}: neither {task_dir}/{name}.yaml nor a task, group or tag "
+            "of lm-eval (`lm-eval ls tasks`)",
+        )
     _positive(cfg.eval.batch_size, "eval.batch_size")
     _positive(cfg.eval.max_gen_toks, "eval.max_gen_toks")
     _check(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit", "must be > 0 or null")

@@ -15,6 +15,7 @@ import yaml
 
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.evaluation.catalog import tasks_dir
 from qlora_pipeline.files import (
     atomic_dir,
     read_json,
@@ -23,6 +24,7 @@ from qlora_pipeline.files import (
     sha256_text,
     write_json,
 )
+from qlora_pipeline.modeling.device import device
 from qlora_pipeline.modeling.load import (
     attach_saved,
     compute_dtype,
@@ -32,9 +34,8 @@ from qlora_pipeline.modeling.load import (
     require_adapter,
     torch_dtype,
 )
-from qlora_pipeline.runtime import device_name, log
+from qlora_pipeline.runtime import log
 
-DEFAULT_TASKS_DIR = Path(__file__).parent / "tasks"
 # What ships, scored with the same harness settings: the base; QLoRA as trained (4-bit base +
 # adapter); the QLoRA adapter on the original bf16 base (what many deploy); the merged bf16 export;
 # and LoRA. The arms (qlora, lora) are scored once per training seed; the shipped forms use the
@@ -47,10 +48,6 @@ SHIPPED = {
     "merged": "QLoRA merged into bf16 (export)",
     "lora": "LoRA (bf16 base + adapter)",
 }
-
-
-def tasks_dir(cfg: PipelineConfig) -> Path:
-    return Path(cfg.eval.tasks_dir) if cfg.eval.tasks_dir else DEFAULT_TASKS_DIR
 
 
 def task_config(task_dir: Path, name: str, test_jsonl: Path, max_gen_toks: int) -> dict[str, Any]:
@@ -261,7 +258,7 @@ def evaluate(
     test_jsonl = Path(data_dir) / "test.jsonl"
     if not test_jsonl.is_file():
         raise PipelineError(f"{test_jsonl}: not found; run the prepare stage first")
-    tdir = tasks_dir(cfg)
+    tdir = tasks_dir(cfg.eval.tasks_dir)
     # Indexing lm-eval's own ~14k task files takes ~6 s per process: only when a task needs it.
     standard = any(not (tdir / f"{name}.yaml").is_file() for name in cfg.eval.tasks)
     manager = TaskManager(include_path=str(tdir), include_defaults=standard)
@@ -314,7 +311,7 @@ def score(
         "evaluate[%s]: %s on %s (footprint %.2f MB)",
         label,
         ", ".join(cfg.eval.tasks),
-        device_name(),
+        device(),
         footprint / 2**20,
     )
     lm = HFLM(

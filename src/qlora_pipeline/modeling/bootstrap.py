@@ -12,6 +12,7 @@ from typing import Any
 from qlora_pipeline.config.schema import BootstrapConfig, ModelConfig
 from qlora_pipeline.data.skills import SKILLS, prose_line
 from qlora_pipeline.files import atomic_dir, write_json
+from qlora_pipeline.modeling.checks import check_pretrained
 from qlora_pipeline.modeling.load import compute_dtype
 from qlora_pipeline.runtime import log
 from qlora_pipeline.tracking.perf import note
@@ -122,7 +123,8 @@ def bootstrap(model_cfg: ModelConfig, seed: int, out_dir: str | Path) -> dict:
 
     Args:
         model_cfg: `model` section. source=bootstrap builds the tiny model; source=pretrained
-            writes only `base.json` naming the hub id / folder that later steps load.
+            checks the model (modeling/checks.py) and writes only `base.json`, naming the hub id
+            / folder that later steps load and what the checks found.
         seed: seeds the corpus, the initialisation and the data order.
         out_dir: the folder written (atomically).
 
@@ -131,11 +133,16 @@ def bootstrap(model_cfg: ModelConfig, seed: int, out_dir: str | Path) -> dict:
     """
     info: dict[str, Any]
     if model_cfg.source == "pretrained":
+        assert model_cfg.path is not None  # the schema requires it
+        facts = check_pretrained(model_cfg.path, model_cfg.revision, model_cfg.trust_remote_code)
+        if facts["pad_token"]:
+            log.info("%s: %s", model_cfg.path, facts["pad_token"])
         info = {
             "source": "pretrained",
             "name": model_cfg.name,
             "path": model_cfg.path,
             "revision": model_cfg.revision,
+            "checked": facts,
         }
         with atomic_dir(out_dir) as tmp:
             write_json(tmp / "base.json", info)

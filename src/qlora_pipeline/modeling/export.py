@@ -16,6 +16,7 @@ from typing import Any
 from qlora_pipeline.config.schema import PipelineConfig
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.files import atomic_dir, write_json
+from qlora_pipeline.modeling.device import inputs_for, placement, to_host
 from qlora_pipeline.modeling.load import (
     compute_dtype,
     load_adapted,
@@ -41,23 +42,17 @@ def prompts(data_dir: Path, n: int = N_PROMPTS) -> list[str]:
 
 
 def logits(model: Any, tokenizer: Any, texts: list[str]) -> tuple[Any, Any]:
-    """Logits of real prompts, as float32 on the CPU: at every non-padding position, and at each
-    prompt's last position (the prediction of the answer's first token).
-
-    On the CPU whatever device the model is on: the models compared here live on different ones
-    on a GPU machine (the 4-bit base where bitsandbytes put it, the saved export loaded as a user
-    loads it), and logits compared across devices would fail."""
+    """Logits of real prompts, compared on the host (modeling/device.py): at every non-padding
+    position, and at each prompt's last position (the prediction of the answer's first token)."""
     import torch
 
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    batch = {k: v.to(model.device) for k, v in batch.items()}
     with torch.no_grad():
-        out = model(**batch).logits.float()
+        out = to_host(model(**inputs_for(model, batch)).logits)
     mask = batch["attention_mask"].bool()
     last = batch["attention_mask"].sum(1) - 1
-    at_last = out[torch.arange(out.shape[0], device=out.device), last]
-    return out[mask].cpu(), at_last.cpu()
+    return out[mask], out[torch.arange(out.shape[0]), last]
 
 
 def compare(a: tuple[Any, Any], b: tuple[Any, Any]) -> dict[str, float]:
@@ -120,7 +115,10 @@ def export(
         tokenizer.save_pretrained(str(tmp))
         # verify the artifact itself, as a user will load it: no peft, no quantization
         shipped = AutoModelForCausalLM.from_pretrained(
-            str(tmp), dtype=torch_dtype(compute_dtype(method.base_dtype)), use_safetensors=True
+            str(tmp),
+            dtype=torch_dtype(compute_dtype(method.base_dtype)),
+            use_safetensors=True,
+            **placement(),
         ).eval()
         merged_logits = logits(shipped, tokenizer, texts)
         parity = compare(merged_logits, unmerged_logits)

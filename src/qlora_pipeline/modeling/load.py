@@ -12,6 +12,8 @@ from typing import Any
 from qlora_pipeline.config.schema import LoraConfig, MethodConfig, QuantizationConfig
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.files import read_json
+from qlora_pipeline.modeling.checks import check_cpu_4bit
+from qlora_pipeline.modeling.device import placement
 
 
 def fsdp_active() -> bool:
@@ -123,14 +125,17 @@ def load_base(base_dir: str | Path, method: MethodConfig, trust_remote_code: boo
     }
     if method.quantization is not None:
         kwargs["quantization_config"] = bnb_config(method.quantization)
-        if fsdp_active():  # FSDP places the shards; every tensor must have the storage dtype
+    if fsdp_active():  # FSDP places the shards; every tensor must have the storage dtype
+        if method.quantization is not None:
             kwargs["dtype"] = torch_dtype(method.quantization.quant_storage)
-        else:
-            kwargs["device_map"] = {"": "cuda" if torch.cuda.is_available() else "cpu"}
+    else:
+        kwargs.update(placement())
     model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if method.quantization is None and torch.cuda.is_available():
-        model = model.to("cuda")
-    return pin_bnb_kernels(model) if portable() else model
+    if portable():
+        return pin_bnb_kernels(model)
+    if not torch.cuda.is_available():
+        check_cpu_4bit(model)  # native CPU kernels: bitsandbytes may repack for inference
+    return model
 
 
 def linear_names(model: Any) -> list[str]:
@@ -227,12 +232,6 @@ def attach_lora(
                 f"config key 'train.lora.target_modules': no linear layer named {unknown}; "
                 f"the model has {existing}"
             )
-    if lora.init == "loftq" and method.quantization is None:
-        raise PipelineError(
-            "config key 'train.lora.init': loftq needs a quantized base (methods.*.quantization)"
-        )
-    if lora.init == "loftq" and not torch.cuda.is_available():
-        raise PipelineError("config key 'train.lora.init': peft's LoftQ runs on CUDA only")
     gc_kwargs = {"use_reentrant": False}
     quantized = method.quantization is not None
     if quantized and upcast and not fsdp_active():  # FSDP: no fp32 upcast (one dtype)

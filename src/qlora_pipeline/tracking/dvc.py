@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from qlora_pipeline.config.schema import PipelineConfig, validate_dict
-from qlora_pipeline.errors import ConfigError, PipelineError
+from qlora_pipeline.errors import ERROR_FILE_ENV, ConfigError, PipelineError, StageInputError
 from qlora_pipeline.files import atomic_write_text
 
 
@@ -109,9 +109,32 @@ def repro(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> No
 
     Stages run concurrently in one workspace: DVC releases the repository lock while a command
     runs, but takes it at the start and the end of each stage, and fails at once when another
-    `dvc` holds it (treeverse/dvc#10465); `--wait-for-lock` makes it wait instead."""
+    `dvc` holds it (treeverse/dvc#10465); `--wait-for-lock` makes it wait instead.
+
+    A failed stage's earlier outputs are restored: DVC removes them before it runs a stage.
+
+    Raises:
+        StageInputError: the command stopped on a problem the user can fix; its one line.
+        PipelineError: it failed otherwise (its traceback is in the output above).
+    """
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
-    proc = subprocess.run(cmd, cwd=root, env=stage_env(extra_env))
+    tmp = root / ".dvc" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("r", dir=tmp, prefix=f"{stage}.", suffix=".error") as f:
+        env = stage_env({**(extra_env or {}), ERROR_FILE_ENV: f.name})
+        proc = subprocess.run(cmd, cwd=root, env=env)
+        said = f.read().strip()
+    if proc.returncode != 0:
+        # DVC removed the stage's outputs before running it: put back the ones dvc.lock still
+        # records (from DVC's cache), so a failed stage loses nothing
+        subprocess.run(
+            [sys.executable, "-m", "dvc", "--wait-for-lock", "checkout", "-q", stage],
+            cwd=root,
+            env=stage_env(),
+            capture_output=True,
+        )
+    if proc.returncode != 0 and said:
+        raise StageInputError(f"stage '{stage}': {said}")
     if proc.returncode != 0:
         raise PipelineError(f"stage '{stage}' failed (exit {proc.returncode}); its output is above")
 

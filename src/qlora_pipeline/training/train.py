@@ -23,6 +23,7 @@ from qlora_pipeline.files import (
     sha256_text,
     write_json,
 )
+from qlora_pipeline.modeling.device import device
 from qlora_pipeline.modeling.load import (
     attach_lora,
     base_source,
@@ -31,7 +32,7 @@ from qlora_pipeline.modeling.load import (
     load_tokenizer,
     method_compute_dtype,
 )
-from qlora_pipeline.runtime import device_name, log, pin_bnb_kernels
+from qlora_pipeline.runtime import log, pin_bnb_kernels
 from qlora_pipeline.tracking.perf import note
 
 
@@ -233,7 +234,7 @@ def train(
         total,
         t.max_steps,
         t.batch_size,
-        device_name(),
+        device(),
         f"; resuming from {resume}" if resume else "",
     )
     steps_path = folder / "steps.jsonl"
@@ -287,7 +288,7 @@ def train(
     }
     # where and how fast it ran: the stage's performance record, never the hashed adapter folder
     note(
-        device=device_name(),
+        device=device(),
         resumed_from_step=int(resume.name.split("-")[1]) if resume else None,
         tokens_per_s=tokens / train_s,
         train_s=train_s,

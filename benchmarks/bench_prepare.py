@@ -1,6 +1,6 @@
 """Benchmark the prepare step on generated alpaca-style rows (not a test; prints a table).
 
-    .venv/bin/python scripts/bench_prepare.py [--rows 100000] [--max-length 256]
+    .venv/bin/python benchmarks/bench_prepare.py [--rows 100000] [--max-length 256]
 
 Rows are word salad of realistic lengths (instruction 4-40 words, optional input, output 2-80 words)
 with 2% empty rows and 3% duplicates, tokenized by the tiny bootstrap BPE tokenizer (512 tokens, so
@@ -52,10 +52,12 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=1024, help="data.max_length")
     args = p.parse_args()
 
-    from qlora_pipeline.config.schema import DataConfig
+    import dataclasses
+
     from qlora_pipeline.data.prepare import prepare
     from qlora_pipeline.modeling.bootstrap import build_tokenizer, corpus_lines
     from qlora_pipeline.runtime import setup_logging
+    from qlora_pipeline.tracking.dvc import compose
 
     setup_logging()
     tokenizer = build_tokenizer(corpus_lines(20000, 0), 512)
@@ -69,9 +71,12 @@ def main() -> None:
         f"generated {args.rows} rows ({src.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t:.1f} s"
     )
 
+    root = Path(__file__).resolve().parents[1]
+    local = compose(root, ["data=local", f"data.path={src}"])[1].data  # conf/data/local.yaml
     results = []
     for packing, repeat in ((False, False), (False, True), (True, False)):
-        cfg = DataConfig(
+        cfg = dataclasses.replace(
+            local,
             name="bench",
             source="local",
             path=str(src),
@@ -79,6 +84,7 @@ def main() -> None:
             shuffle=True,
             max_length=args.max_length,
             packing=packing,
+            frozen_test=None,
         )
         t = time.perf_counter()
         manifest = prepare(cfg, tokenizer, 0, work / f"out-{packing}")
