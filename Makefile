@@ -39,7 +39,7 @@ lock: setup ## re-pin requirements.lock to what .venv has (after changing depend
 	mv requirements.lock.new requirements.lock
 
 check-reference: run ## after `make run`: the committed reference run must be reproduced exactly
-	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/scores.csv
+	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/summary.json reports/scores.csv
 	@echo "reference run reproduced: dvc.lock and reports/metrics.json unchanged"
 
 bench-cpu-kernels: setup ## speed of native vs pinned (avx2, compatible) CPU kernels, side by side

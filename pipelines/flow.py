@@ -91,6 +91,7 @@ def publish_task(root: str) -> str:
         Path(root) / p.report,
         exports if exports.is_dir() else None,
         Path(root) / p.runs,
+        Path(root) / p.quant,
     )
     report = Path(root) / p.report / "report.md"
     text = report.read_text(encoding="utf-8")

@@ -122,7 +122,17 @@ def tiny_cfg(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("tiny")
     _, cfg = compose(ROOT, TINY)
-    for name in ("base", "data", "adapters", "checkpoints", "exports", "eval", "report", "runs"):
+    for name in (
+        "base",
+        "data",
+        "adapters",
+        "checkpoints",
+        "exports",
+        "eval",
+        "quant",
+        "report",
+        "runs",
+    ):
         setattr(cfg.paths, name, str(work / name))
     cfg.paths.output_roots = [str(tmp_path_factory.getbasetemp())]  # outputs outside the project
     return cfg

@@ -60,6 +60,9 @@ def test_report_names_both_methods_and_fine_tuning_beats_base(project):
     assert "## Seeds and the noise floor" in report and "| LoRA | 1 vs 0 |" in report
     assert "## What ships (seed 0)" in report and "QLoRA adapter on the bf16 base" in report
     assert "## Merged export" in report
+    assert (
+        "## Quantization of the frozen base" in report and "| **nf4+dq** (configured) |" in report
+    )
     html = (project / "reports/report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     metrics = json.loads((project / "reports/metrics.json").read_text())
@@ -267,6 +270,24 @@ def test_dvc_exp_run_composes_conf_like_our_compose(project):
     assert (project / "reports/report.md").read_text().startswith("# Experiment B")
     shown = run_cli(project, "-m", "dvc", "exp", "show", "--json")
     assert "Experiment B" in shown.stdout
+
+
+def test_experiments_is_one_readable_line_per_run_and_experiment(project):
+    """After `dvc exp run -S report.title=...`: the experiment's line names that change and holds
+    its summary metrics, interval and verdict; DVC's own metrics are the curated headline."""
+    proc = run_cli(project, "-m", "qlora_pipeline", "experiments")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:4] == ["experiment", "rev", "changed", "QLoRA"]
+    (row,) = [line for line in lines if "report.title=Experiment B" in line]
+    summary = json.loads((project / "reports/summary.json").read_text())  # the applied experiment
+    t = summary["qlora_synthetic_qa"]
+    assert f"{t['qlora']:.3f}" in row and f"{t['lora']:.3f}" in row and summary["verdict"] in row
+    assert f"{t['gap']:+.3f} [{t['gap_ci_low']:+.3f}, {t['gap_ci_high']:+.3f}]" in row
+    assert len(lines) >= 3  # the work tree, the commit and the experiment
+    shown = json.loads(run_cli(project, "-m", "dvc", "metrics", "show", "--json").stdout)
+    (metrics,) = [m for rev in shown.values() for m in [rev["data"]]]
+    assert list(metrics) == ["reports/summary.json"]  # not the ~70 figures of metrics.json
 
 
 # --- faults: SIGKILL mid-stage, a refused write, bad input through `run` ------------------------

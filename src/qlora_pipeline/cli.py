@@ -25,11 +25,15 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
 
 Stage commands (what dvc.yaml runs; they read params.yaml):
   bootstrap | prepare | train {qlora,lora} [--seed N] | export {qlora,lora} [--seed N]
-  evaluate {base,qlora,qlora_on_bf16,merged,lora} | report
+  evaluate {base,qlora,qlora_on_bf16,merged,lora} | quant-report | report
+  (quant-report: per-layer NF4/FP4 error of the base, with and without double quantization,
+  and the bits per parameter they take; a section of the report)
   (train and export default to the first of `seeds`; evaluate qlora/lora scores every seed)
 
 Checks and planning:
   qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
+  qlora-pipeline experiments            one line per run and DVC experiment: changed params,
+                                        QLoRA, LoRA, gap [CI], noise floor, verdict, cost
 
 Registry (GTO git tags on the `qlora-adapter` artifact of dvc.yaml):
   qlora-pipeline promote [--rev REV]    register a committed run as a new version and put it in
@@ -113,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
         "the shipped QLoRA adapter on the unquantized bf16 base; merged: the shipped QLoRA "
         "adapter merged into the bf16 base (the export stage's output)",
     )
+    sub.add_parser(
+        "quant-report",
+        help="per-layer NF4 vs FP4 error of the frozen base (relative MSE, SQNR, max error), "
+        "with and without double quantization, and the measured bits per parameter against the "
+        "theory; writes paths.quant/quantization.json",
+    )
     sub.add_parser("report", help="write the quality-gap report")
     pl = sub.add_parser(
         "plan",
@@ -162,6 +172,11 @@ def _parser() -> argparse.ArgumentParser:
     fz.add_argument(
         "overrides", nargs="*", help="Hydra overrides for the data to freeze from (as for run)"
     )
+    sub.add_parser(
+        "experiments",
+        help="one line per commit and DVC experiment (`dvc exp show --json`): changed params, "
+        "QLoRA, LoRA, gap [95%% CI], noise floor, verdict, QLoRA footprint, stage time",
+    )
     sub.add_parser("promoted", help="the version in prod and its gate evidence")
     sub.add_parser("history", help="every registered version with its gate evidence")
     rb = sub.add_parser("rollback", help="put an earlier version in prod")
@@ -169,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-STAGES = ("bootstrap", "prepare", "train", "export", "evaluate", "report")
+STAGES = ("bootstrap", "prepare", "train", "export", "evaluate", "quant-report", "report")
 
 
 def stage_name(args: argparse.Namespace) -> str:
@@ -232,10 +247,21 @@ def _stage(args: argparse.Namespace) -> None:
         from qlora_pipeline.evaluation.evaluate import evaluate
 
         evaluate(cfg, args.model, p.base, p.data, p.adapters, Path(p.eval) / args.model, p.exports)
+    elif args.command == "quant-report":
+        from qlora_pipeline.modeling.load import compute_dtype
+        from qlora_pipeline.modeling.quantstats import write_quant_report
+
+        method = cfg.methods["qlora"]
+        q = method.quantization
+        assert q is not None  # the schema requires it
+        dtype = compute_dtype(method.base_dtype)  # what the loader hands bitsandbytes
+        write_quant_report(
+            p.base, (q.quant_type, q.double_quant), list(q.skip_modules), dtype, p.quant
+        )
     elif args.command == "report":
         from qlora_pipeline.reporting.report import build_report
 
-        build_report(cfg, p.data, p.adapters, p.eval, p.report, p.exports)
+        build_report(cfg, p.data, p.adapters, p.eval, p.report, p.exports, p.quant)
     from qlora_pipeline.tracking.perf import write_record
 
     write_record(p.runs, stage_name(args), Path(args.params), started)
@@ -401,6 +427,15 @@ def main(argv: list[str] | None = None) -> int:
             from qlora_pipeline.tracking.dvc import find_root
 
             return registry_command(args, find_root())
+        if args.command == "experiments":
+            from qlora_pipeline.config.schema import load_params
+            from qlora_pipeline.tracking.dvc import find_root
+            from qlora_pipeline.tracking.experiments import experiments
+
+            cfg = load_params(args.params)
+            p = cfg.paths
+            print(experiments(find_root(), cfg.eval.tasks[0], p.runs, p.report))
+            return 0
         if args.command == "gate":
             from qlora_pipeline.config.schema import load_params
             from qlora_pipeline.reporting.gate import verdict_of

@@ -202,6 +202,7 @@ class PathsConfig:
     checkpoints: str = MISSING
     exports: str = MISSING
     eval: str = MISSING
+    quant: str = MISSING
     report: str = MISSING
     runs: str = MISSING
     output_roots: list[str] = MISSING  # not an output: where they may go

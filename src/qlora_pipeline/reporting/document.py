@@ -106,3 +106,19 @@ def score_rows(metrics: dict) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+SUMMARY_KEYS = ("base", "qlora", "lora", "gap", "gap_ci_low", "gap_ci_high", "noise_floor")
+
+
+def summary(metrics: dict) -> dict:
+    """The headline of metrics.json, DVC's metrics file (`dvc exp show`, `dvc metrics diff`):
+    the verdict and, per task, the scores, the gap with its interval and the noise floor. The
+    full figures stay in metrics.json, which the gate and the registry read."""
+    return {
+        "verdict": metrics["verdict"],
+        **{
+            task: {k: (None if t.get(k) is None else round(t[k], 4)) for k in SUMMARY_KEYS}
+            for task, t in metrics["tasks"].items()
+        },
+    }

@@ -20,7 +20,7 @@ from qlora_pipeline.files import (
     write_json,
 )
 from qlora_pipeline.reporting import gate, plots, sections
-from qlora_pipeline.reporting.document import Block, to_html, to_markdown
+from qlora_pipeline.reporting.document import Block, summary, to_html, to_markdown
 from qlora_pipeline.reporting.figures import (
     METHODS,
     MODELS,
@@ -35,6 +35,7 @@ from qlora_pipeline.reporting.history import (
     items_csv,
     repo_root,
 )
+from qlora_pipeline.reporting.quantization import quantization_blocks
 from qlora_pipeline.reporting.stats import paired_difference
 from qlora_pipeline.runtime import log
 from qlora_pipeline.tracking import registry
@@ -128,8 +129,9 @@ def build_report(
     eval_dir: str | Path,
     out_dir: str | Path,
     exports_dir: str | Path | None = None,
+    quant_dir: str | Path | None = None,
 ) -> dict:
-    """Write metrics.json, scores.csv, items.csv and the plots (DVC outputs: the same bytes on
+    """Write metrics.json, summary.json (its headline), scores.csv, items.csv and the plots (DVC outputs: the same bytes on
     every machine), then the documents report.md and report.html (`write_documents`).
 
     Returns:
@@ -222,8 +224,14 @@ def build_report(
         atomic_write_text(tmp / "scores.csv", scores_csv(tasks))
         atomic_write_text(tmp / "items.csv", items_csv(items, keys))
         write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "summary.json", summary(metrics))
     write_documents(
-        cfg, data_dir, adapters_dir, out_dir, Path(exports_dir) if exports_dir else None
+        cfg,
+        data_dir,
+        adapters_dir,
+        out_dir,
+        Path(exports_dir) if exports_dir else None,
+        quant_dir=Path(quant_dir) if quant_dir else None,
     )
     log.info("report: quality gate %s -> %s", verdict, out_dir / "report.md")
     for reason in reasons:
@@ -248,6 +256,7 @@ def write_documents(
     out_dir: Path,
     exports_dir: Path | None,
     runs_dir: Path | None = None,
+    quant_dir: Path | None = None,
 ) -> None:
     """Render report.md and report.html from the written figures and the run records.
 
@@ -273,6 +282,7 @@ def write_documents(
         *sections.gate_blocks(metrics, cfg.report.gate.enforce),
         *sections.performance_blocks(shipped_runs, trains, metrics),
         *sections.export_blocks(exports_dir),
+        *quantization_blocks(quant_dir),
         *sections.settings_blocks(cfg, trains),
         *sections.protocol_blocks(metrics),
         *sections.lineage_blocks(cfg, manifest, adapters_dir, metrics, runs),
