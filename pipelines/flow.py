@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import flow, get_client, get_run_logger, task
@@ -62,13 +63,19 @@ def _retry_unless_bad_input(task: object, task_run: object, state: State) -> boo
 
 
 @task(task_run_name="{stage} [config {config}]", retry_condition_fn=_retry_unless_bad_input)
-def stage_task(root: str, stage: str, config: str, slots: str, forkserver: str) -> str | State:
+def stage_task(
+    root: str, stage: str, config: str, slots: str, forkserver: str, stale: bool = True
+) -> str | State:
     """Reproduce one DVC stage (skipped by DVC when nothing it depends on changed), holding one
     slot of the global concurrency limit `slots`. Its command runs in the fork server at
-    `forkserver` (an address, never the environment: Prefect stores task parameters).
+    `forkserver` (an address, never the environment: Prefect stores task parameters). A stage
+    that is not `stale` (see `stale_stages`) is not handed to DVC at all.
 
     A stage stopped by bad input ends as a Failed state named BadInput holding its one line, not
     an exception: not retried, no traceback."""
+    if not stale:
+        get_run_logger().info("%s: unchanged since dvc.lock (dvc status), not run", stage)
+        return stage
     with concurrency(slots, occupy=1, strict=True):
         get_run_logger().info("dvc repro --single-item %s", stage)
         try:
@@ -137,6 +144,16 @@ def run_graph(
     return failed
 
 
+def stale_stages(order: list[tuple[str, list[str]]], changed: set[str]) -> set[str]:
+    """The stages that may run: those `dvc status` reports changed, and every stage downstream of
+    one (its inputs change once that one reruns; DVC then decides). The others are up to date."""
+    stale: set[str] = set()
+    for name, upstream in order:  # dependency order
+        if name in changed or stale.intersection(upstream):
+            stale.add(name)
+    return stale
+
+
 def run_stages(root: str) -> str | State:
     """Every stage of dvc.yaml as a task run started once the stages it depends on completed,
     at most `orchestration.slots` at once, then the report published; its path, or the first
@@ -150,11 +167,21 @@ def run_stages(root: str) -> str | State:
     set_slots(o.limit, o.slots)
     config = config_hash(Path(root) / "params.yaml")[:8]
     stage = stage_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delays_s)
-    with serving(cfg.runtime.cpu_kernels, cfg.runtime.threads) as address:
+    order = stage_order(Path(root))
+    stale = stale_stages(order, set(changed_stages(Path(root))))  # one `dvc status` for all
+    server = serving(cfg.runtime.cpu_kernels, cfg.runtime.threads) if stale else nullcontext("")
+    with server as address:  # no stage to run: no fork server to start
         failed = run_graph(
-            stage_order(Path(root)),
+            order,
             lambda name, upstream: stage.submit(
-                root, name, config, o.limit, address, return_state=False, wait_for=upstream
+                root,
+                name,
+                config,
+                o.limit,
+                address,
+                name in stale,
+                return_state=False,
+                wait_for=upstream,
             ),
         )
     if failed is not None:  # a state of its own: a task run's state would be summarized away

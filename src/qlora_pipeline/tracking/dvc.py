@@ -88,11 +88,14 @@ def stage_order(root: Path) -> list[tuple[str, list[str]]]:
 
 
 def changed_stages(root: Path) -> list[str]:
-    """The stages `dvc repro` would run: their deps, params, code or outputs changed."""
+    """The names of the stages `dvc repro` would run: their deps, params, code or outputs
+    changed, whatever the working folder."""
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return sorted(repo.status())
+        # keyed by address, relative to the working folder ("../x/dvc.yaml:train@lora-0")
+        # when that is not `root`: the stage name is what follows the last ":"
+        return sorted(key.rsplit(":", 1)[-1] for key in repo.status())
 
 
 def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
