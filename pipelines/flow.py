@@ -11,6 +11,7 @@ Prefect transaction that takes the promotion back when pushing it fails.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -64,12 +65,19 @@ def _retry_unless_bad_input(task: object, task_run: object, state: State) -> boo
 
 @task(task_run_name="{stage} [config {config}]", retry_condition_fn=_retry_unless_bad_input)
 def stage_task(
-    root: str, stage: str, config: str, slots: str, forkserver: str, stale: bool = True
+    root: str,
+    stage: str,
+    config: str,
+    slots: str,
+    forkserver: str,
+    stale: bool = True,
+    force: bool = False,
 ) -> str | State:
     """Reproduce one DVC stage (skipped by DVC when nothing it depends on changed), holding one
     slot of the global concurrency limit `slots`. Its command runs in the fork server at
     `forkserver` (an address, never the environment: Prefect stores task parameters). A stage
-    that is not `stale` (see `stale_stages`) is not handed to DVC at all.
+    that is not `stale` (see `stale_stages`) is not handed to DVC at all; with `force` it is
+    recomputed whatever DVC has recorded or cached (`reproduce`).
 
     A stage stopped by bad input ends as a Failed state named BadInput holding its one line, not
     an exception: not retried, no traceback."""
@@ -79,7 +87,7 @@ def stage_task(
     with concurrency(slots, occupy=1, strict=True):
         get_run_logger().info("dvc repro --single-item %s", stage)
         try:
-            repro(Path(root), stage, {FORKSERVER_ENV: forkserver})
+            repro(Path(root), stage, stage_extra_env(root, forkserver, force), force)
         except StageInputError as e:
             return Failed(name=BAD_INPUT, message=str(e))
     return stage
@@ -144,6 +152,18 @@ def run_graph(
     return failed
 
 
+def own_code(root: str) -> str:
+    """An import path with `root`'s own `src/` first: a reproduction runs the revision's code,
+    not this checkout's."""
+    return os.pathsep.join(filter(None, [str(Path(root) / "src"), os.environ.get("PYTHONPATH")]))
+
+
+def stage_extra_env(root: str, forkserver: str, force: bool) -> dict[str, str]:
+    """What a stage command gets on top of the run's environment: the fork server's address;
+    for a reproduction (`force`), the revision's own code first on the import path."""
+    return {FORKSERVER_ENV: forkserver, **({"PYTHONPATH": own_code(root)} if force else {})}
+
+
 def stale_stages(order: list[tuple[str, list[str]]], changed: set[str]) -> set[str]:
     """The stages that may run: those `dvc status` reports changed, and every stage downstream of
     one (its inputs change once that one reruns; DVC then decides). The others are up to date."""
@@ -154,7 +174,7 @@ def stale_stages(order: list[tuple[str, list[str]]], changed: set[str]) -> set[s
     return stale
 
 
-def run_stages(root: str) -> str | State:
+def run_stages(root: str, force: bool = False) -> str | State:
     """Every stage of dvc.yaml as a task run started once the stages it depends on completed,
     at most `orchestration.slots` at once, then the report published; its path, or the first
     failed stage's state.
@@ -168,9 +188,14 @@ def run_stages(root: str) -> str | State:
     config = config_hash(Path(root) / "params.yaml")[:8]
     stage = stage_task.with_options(retries=o.retries, retry_delay_seconds=o.retry_delays_s)
     order = stage_order(Path(root))
-    stale = stale_stages(order, set(changed_stages(Path(root))))  # one `dvc status` for all
-    server = serving(cfg.runtime.cpu_kernels, cfg.runtime.threads) if stale else nullcontext("")
-    with server as address:  # no stage to run: no fork server to start
+    if force:
+        stale = {name for name, _ in order}
+    else:
+        stale = stale_stages(order, set(changed_stages(Path(root))))  # one `dvc status` for all
+    # no stage to run: no fork server; a reproduction's server imports the revision's code
+    code = own_code(root) if force else None
+    server = serving(cfg.runtime.cpu_kernels, cfg.runtime.threads, code) if stale else None
+    with server or nullcontext("") as address:
         failed = run_graph(
             order,
             lambda name, upstream: stage.submit(
@@ -180,6 +205,7 @@ def run_stages(root: str) -> str | State:
                 o.limit,
                 address,
                 name in stale,
+                force,
                 return_state=False,
                 wait_for=upstream,
             ),
@@ -199,6 +225,40 @@ def pipeline_flow(root: str, overrides: list[str]) -> str | State:
         return report  # the failed stage's state is the run's
     get_run_logger().info("report: %s (and report.html, metrics.json beside it)", report)
     return str(report)
+
+
+@flow(name="qlora-reproduce")
+def reproduce_flow(work: str) -> str | State:
+    """Recompute every stage of a recorded run in its clean workspace `work` (its params.yaml as
+    recorded: not composed again), nothing restored from DVC's caches."""
+    with exclusive(Path(work), "flow qlora-reproduce"):
+        report = run_stages(work, force=True)
+    if isinstance(report, State):
+        return report
+    get_run_logger().info("recomputed in %s", work)
+    return str(report)
+
+
+def reproduce(root: Path, rev: str, keep: bool) -> int:
+    """Entry point of `qlora-pipeline reproduce REV`: 0 when the outputs are the recorded bytes,
+    1 when they differ (what moved, the environment, the scores against the noise floor), 2 on
+    bad input."""
+    from qlora_pipeline.tracking import reproduce as rp
+
+    cfg = load_params(root / "params.yaml")
+    sha = rp.resolve(root, rev, cfg.paths.report)
+    work = rp.workspace(root, sha)
+    print(f"reproducing {rev} ({sha[:7]}) from nothing in {work}")
+    try:
+        state = reproduce_flow(str(work), return_state=True)
+        if state.is_failed():
+            return failure(state)
+        same, said = rp.compare(root, sha, work, cfg.paths.runs, cfg.paths.report)
+    finally:
+        if not keep:
+            rp.remove(root, work)
+    print(said)
+    return 0 if same else 1
 
 
 def _identity(p: PromotionConfig) -> list[str]:

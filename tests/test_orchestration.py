@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 TWO_SLOTS = [
     *TINY,
     "seeds=[0]",
-    "model.bootstrap.steps=100",  # the flow is under test, not what the model learns
+    "model.bootstrap.steps=30",  # the flow is under test, not what the model learns
     "train.max_steps=150",  # long enough for the two arms' runs to overlap
     "train.eval_steps=null",
     "train.save_steps=null",
@@ -48,11 +48,11 @@ def test_two_slots_run_the_arms_at_once_and_a_transient_failure_is_retried(tmp_p
     attempts: list[str] = []
     real = flow.repro
 
-    def flaky(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> None:
+    def flaky(root: Path, stage: str, *args: object) -> None:
         attempts.append(stage)
         if stage == "prepare" and attempts.count("prepare") == 1:
             raise PipelineError("stage 'prepare' failed: injected transient fault")
-        real(root, stage, extra_env)
+        real(root, stage, *args)
 
     monkeypatch.setattr(flow, "repro", flaky)
     state = flow.pipeline_flow(str(tmp_path), TWO_SLOTS, return_state=True)

@@ -34,6 +34,8 @@ Checks and planning:
   qlora-pipeline gate                   the report's quality-gate verdict; exit 1 on FAIL
   qlora-pipeline experiments            one line per run and DVC experiment: changed params,
                                         QLoRA, LoRA, gap [CI], noise floor, verdict, cost
+  qlora-pipeline reproduce REV          recompute a recorded run (git revision or experiment)
+                                        from nothing; exit 0 if its outputs are the same bytes
 
 Registry (GTO git tags on the `qlora-adapter` artifact of dvc.yaml):
   qlora-pipeline promote [--rev REV]    register a committed run as a new version and put it in
@@ -177,6 +179,14 @@ def _parser() -> argparse.ArgumentParser:
         help="one line per commit and DVC experiment (`dvc exp show --json`): changed params, "
         "QLoRA, LoRA, gap [95%% CI], noise floor, verdict, QLoRA footprint, stage time",
     )
+    rp = sub.add_parser(
+        "reproduce",
+        help="recompute a recorded run from nothing (a clean worktree of the revision, every "
+        "stage forced, DVC's run cache off) and compare its outputs' hashes with the recorded "
+        "dvc.lock: exit 0 if identical, 1 with what moved (environment, scores vs noise floor)",
+    )
+    rp.add_argument("rev", help="a git revision or a DVC experiment name")
+    rp.add_argument("--keep", action="store_true", help="keep the workspace (.dvc/tmp/reproduce/)")
     sub.add_parser("promoted", help="the version in prod and its gate evidence")
     sub.add_parser("history", help="every registered version with its gate evidence")
     rb = sub.add_parser("rollback", help="put an earlier version in prod")
@@ -362,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        if args.command in ("run", "retrain", "serve"):
+        if args.command in ("run", "retrain", "serve", "reproduce"):
             from qlora_pipeline.tracking.dvc import find_root
 
             root = find_root()
@@ -384,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
                 return serve(root, args.schedule, args.pool)
             from pipelines import flow
 
+            if args.command == "reproduce":
+                return flow.reproduce(root, args.rev, args.keep)
             return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
         if args.command == "compose":
             from qlora_pipeline.tracking.dvc import find_root, pinned_params, write_params

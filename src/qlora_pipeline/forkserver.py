@@ -242,15 +242,17 @@ def serve(path: str, pinned: str) -> None:
 
 
 @contextlib.contextmanager
-def serving(cpu_kernels: str, threads: int) -> Iterator[str]:
+def serving(cpu_kernels: str, threads: int, code: str | None = None) -> Iterator[str]:
     """Start a fork server for the run's pinned kernels; yields its address, the value of
-    $QLORA_PIPELINE_FORKSERVER for the stage commands. Stopped (its socket removed) on exit."""
+    $QLORA_PIPELINE_FORKSERVER for the stage commands. Stopped (its socket removed) on exit.
+    `code`: a folder whose `qlora_pipeline` the server imports instead of this one (`reproduce`
+    runs a revision's own code)."""
     folder = tempfile.mkdtemp(prefix="qlora-forkserver-")  # short: socket paths are <108 bytes
     path = os.path.join(folder, "socket")
     pinned = pins(cpu_kernels, threads)
     proc = subprocess.Popen(
         [sys.executable, "-m", "qlora_pipeline.forkserver", path, pinned],
-        env={**os.environ, "PYTHONHASHSEED": "0"},
+        env={**os.environ, "PYTHONHASHSEED": "0", **({"PYTHONPATH": code} if code else {})},
         stdin=subprocess.DEVNULL,
     )
     try:

@@ -106,8 +106,11 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def repro(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> None:
-    """`dvc repro --single-item <stage>`: runs it if its deps or params changed, else skips it.
+def repro(
+    root: Path, stage: str, extra_env: dict[str, str] | None = None, force: bool = False
+) -> None:
+    """`dvc repro --single-item <stage>`: runs it if its deps or params changed, else skips it;
+    with `force`, runs it anyway and restores nothing from DVC's run cache (`reproduce`).
     `extra_env` reaches the stage command (the fork server's address).
 
     Stages run concurrently in one workspace: DVC releases the repository lock while a command
@@ -121,6 +124,8 @@ def repro(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> No
         PipelineError: it failed otherwise (its traceback is in the output above).
     """
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
+    if force:
+        cmd[-1:-1] = ["--force", "--no-run-cache"]
     tmp = root / ".dvc" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("r", dir=tmp, prefix=f"{stage}.", suffix=".error") as f:
