@@ -12,16 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+from qlora_pipeline.reporting.gate import flatten
 
 
 def _data(entry: dict, summary_path: str) -> tuple[dict, dict]:
