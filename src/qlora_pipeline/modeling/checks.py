@@ -11,8 +11,9 @@ from typing import Any
 from qlora_pipeline.errors import PipelineError
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
-# What the later stages load from a hub snapshot: configuration, tokenizer, safetensors weights.
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py", *PICKLE_WEIGHTS]
+# What the later stages load from a hub snapshot: configuration, tokenizer, safetensors weights
+# (never the pickle copies many repositories also hold: gigabytes the pipeline would not load).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]
 CONVERT_HINT = (
     'convert once, in an environment you trust with that file: `python -c "from transformers '
     "import AutoModelForCausalLM as M; M.from_pretrained('{src}', use_safetensors=False)"
