@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Creates or reuses .venv and installs the project into it from the lock (requirements.lock: every
 # package pinned to the version the reference run used). Idempotent and quick when up to date.
-# torch: the locked CPU wheel (torch==2.13.0) is installed first when no torch is importable; an
-# unpinned torch would pull gigabytes of CUDA wheels. A torch that is already there (e.g. a CUDA
-# build on a GPU machine) is kept, and the lock's torch line is left out for it.
+# torch: the locked CPU wheel (torch==2.13.0) is installed first, by pip, when no torch is
+# importable; an unpinned torch would pull gigabytes of CUDA wheels. A torch that is already
+# there (e.g. a CUDA build on a GPU machine) is kept. The rest of the lock: by uv (pinned).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -18,15 +18,17 @@ if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && [ "$stamp" -nt "$LOCK" 
   && "$VENV/bin/python" -c "import qlora_pipeline, torch" 2>/dev/null; then
   exit 0
 fi
-constraints="$VENV/constraints.txt"
-if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  grep -v '^torch==' "$LOCK" > "$constraints"   # keep the torch that is there
-else
+UV_PIN=uv==0.13.9  # installs the locked stack in seconds where pip takes minutes (same packages)
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   torch_pin=$(grep '^torch==' "$LOCK")
   echo "[setup] installing $torch_pin (CPU build)"
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$torch_pin"
-  cp "$LOCK" "$constraints"
 fi
-echo "[setup] installing qlora-pipeline and its locked stack into $VENV (first time: a few minutes)"
-"$VENV/bin/python" -m pip install --disable-pip-version-check -q -c "$constraints" -e ".[dev]"
+# The torch that is there is kept (this CPU wheel, or a CUDA build on a GPU machine): it is left
+# out of the constraints, so uv, which does not look at the local wheel, never replaces it.
+constraints="$VENV/constraints.txt"
+grep -v '^torch==' "$LOCK" > "$constraints"
+"$VENV/bin/python" -m pip install --disable-pip-version-check -q "$UV_PIN"
+echo "[setup] installing qlora-pipeline and its locked stack into $VENV"
+"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" -c "$constraints" -e ".[dev]"
 touch "$stamp"
