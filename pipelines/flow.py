@@ -34,7 +34,7 @@ from qlora_pipeline.forkserver import serving
 from qlora_pipeline.reporting.document import score_rows
 from qlora_pipeline.reporting.gate import read_verdict
 from qlora_pipeline.reporting.report import write_documents
-from qlora_pipeline.tracking import registry
+from qlora_pipeline.tracking import registry, workspace
 from qlora_pipeline.tracking.dvc import (
     changed_stages,
     compose,
@@ -256,9 +256,97 @@ def reproduce(root: Path, rev: str, keep: bool) -> int:
         same, said = rp.compare(root, sha, work, cfg.paths.runs, cfg.paths.report)
     finally:
         if not keep:
-            rp.remove(root, work)
+            workspace.remove(root, work)
     print(said)
     return 0 if same else 1
+
+
+@task(task_run_name="point {name}")
+def point_task(work: str, name: str, overrides: list[str], label: list[str]) -> dict | State:
+    """One sweep point: the `qlora-pipeline` flow (the same stage tasks as a normal run) in its
+    own workspace `work`, then saved as the DVC experiment `name`; the point's report row."""
+    from qlora_pipeline.tracking import sweep as sw
+
+    state = pipeline_flow(work, overrides, return_state=True)
+    if state.is_failed():
+        return Failed(name=state.name, message=f"point {name}: {state.message}")
+    cfg = load_params(Path(work) / "params.yaml")
+    sha = sw.save(Path(work), name, [cfg.paths.report, cfg.paths.runs])
+    get_run_logger().info("point %s saved as DVC experiment %s (%s)", work, name, sha[:7])
+    return sw.point_row(Path(work), cfg, name, label) | {"rev": sha}
+
+
+@flow(name="qlora-sweep", flow_run_name="{name}")
+def sweep_flow(root: str, name: str, points: list[list[str]], keep: bool) -> State:
+    """Every point of a sweep as its own flow run under this one, in its own workspace, at most
+    `orchestration.slots` at once (the task runner's workers; their stages hold slots of the same
+    global concurrency limit as every run). The first point runs alone, so the stages every
+    point shares (bootstrap, prepare, the base's evaluation) are computed once and the others
+    restore them from DVC's run cache. Then the sweep report."""
+    from qlora_pipeline.reporting.sweep import write_sweep_report
+    from qlora_pipeline.tracking import sweep as sw
+
+    _, cfg = compose(Path(root), points[0])
+    names = sw.experiment_names(name, len(points))
+    labels = sw.varying(points)
+    changes = workspace.uncommitted(Path(root))
+    works = [sw.point_workspace(Path(root), name, n, changes, cfg.paths.runs) for n in names]
+    try:
+        first = point_task.submit(str(works[0]), names[0], points[0], labels[0])
+        first.wait()
+        futures = [first] + [
+            point_task.submit(str(w), n, p, label)
+            for w, n, p, label in zip(works[1:], names[1:], points[1:], labels[1:], strict=True)
+        ]
+        for future in futures:
+            future.wait()
+    finally:
+        if not keep:
+            for work in works:
+                workspace.remove(Path(root), work)
+    rows: list[dict] = [f.result() for f in futures if f.state.is_completed()]  # type: ignore[misc]
+    failed = [f.state for f in futures if not f.state.is_completed()]
+    report = None
+    if rows:
+        report = write_sweep_report(rows, Path(root) / cfg.paths.sweeps / name, f"Sweep {name}")
+        create_markdown_artifact(
+            markdown=report.read_text(encoding="utf-8"), key="sweep-report", description=name
+        )
+        get_run_logger().info("sweep report: %s (and sweep.html beside it)", report)
+    if failed:
+        return Failed(
+            name=failed[0].name,
+            message=f"{len(failed)} of {len(points)} points failed; " + str(failed[0].message),
+        )
+    return Completed(message=f"{len(points)} points; report: {report}")
+
+
+def sweep(root: Path, overrides: list[str], name: str | None, keep: bool) -> int:
+    """Entry point of `qlora-pipeline run -m`: every point of Hydra's multirun expansion of
+    `overrides` checked first (one line naming the point), then the sweep flow."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from qlora_pipeline.tracking import sweep as sw
+
+    points = sw.grid(overrides)
+    name = name or sw.default_name()
+    sw.check(root, name, len(points))
+    cfgs = []
+    for point, label in zip(points, sw.varying(points), strict=True):
+        try:
+            cfgs.append(check_overrides(root, point))
+        except PipelineError as e:
+            raise type(e)(f"sweep point {' '.join(label)}: {e}") from None
+    slots = cfgs[0].orchestration.slots
+    print(f"sweep {name}: {len(points)} points, {slots} at a time")
+    runner = ThreadPoolTaskRunner(max_workers=slots)  # type: ignore[var-annotated]
+    state = sweep_flow.with_options(task_runner=runner)(  # type: ignore[arg-type]
+        str(root), name, points, keep, return_state=True
+    )
+    if state.is_failed():
+        return failure(state)
+    print(state.message)
+    return 0
 
 
 def _identity(p: PromotionConfig) -> list[str]:

@@ -371,3 +371,12 @@ def test_gate_command_exits_nonzero_on_fail(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "quality gate: FAIL (t: x)"
     (tmp_path / "metrics.json").write_text(json.dumps({"verdict": "PASS", "reasons": []}))
     assert main(args) == 0
+
+
+def test_the_loss_plot_data_is_one_column_per_arm_by_step():
+    from qlora_pipeline.reporting.report import loss_csv
+
+    text = loss_csv(
+        {"qlora": ([1.0, 2.0, 3.0], [2.5, 1.5, 1.25]), "lora": ([1.0, 3.0], [2.0, 1.0])}
+    )
+    assert text == "step,qlora,lora\n1,2.5,2.0\n2,1.5,\n3,1.25,1.0\n"

@@ -16,6 +16,9 @@ QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
 
   qlora-pipeline run [OVERRIDES...]     compose conf/ (+ Hydra overrides) into params.yaml and run
                                         the Prefect flow over the DVC stages (unchanged ones skip)
+  qlora-pipeline run -m [--sweep-name NAME] train.lora.r=8,16 ...
+                                        a sweep (Hydra multirun): each point its own workspace
+                                        and DVC experiment, then sweeps/NAME/sweep.html
   qlora-pipeline retrain [OVERRIDES...] the unattended run: nothing changed -> no-op; otherwise run,
                                         commit the run, promote on PASS (exit 3 on FAIL)
   qlora-pipeline serve [--schedule NAME] [--pool POOL]
@@ -71,6 +74,26 @@ def _parser() -> argparse.ArgumentParser:
         "run", help="compose the config and run the whole pipeline as a Prefect flow"
     )
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=200")
+    run.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="a sweep (Hydra's multirun syntax: train.lora.r=8,16 "
+        "methods.qlora.quantization.quant_type=nf4,fp4): every point runs as its own DVC "
+        "experiment in its own workspace, orchestration.slots at a time, then a sweep report "
+        "in <paths.sweeps>/<name>/",
+    )
+    run.add_argument(
+        "--sweep-name",
+        metavar="NAME",
+        help="with -m: the sweep's name; its points are the experiments NAME-1, NAME-2, ... "
+        "(default: sweep-<UTC date-time>)",
+    )
+    run.add_argument(
+        "--keep",
+        action="store_true",
+        help="with -m: keep the points' workspaces (.dvc/tmp/sweeps/<name>/)",
+    )
     rt = sub.add_parser(
         "retrain",
         help="the unattended run: no-op when nothing changed; else run, commit, and promote "
@@ -396,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.command == "reproduce":
                 return flow.reproduce(root, args.rev, args.keep)
+            if args.command == "run" and args.multirun:
+                return flow.sweep(root, args.overrides, args.sweep_name, args.keep)
             return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
         if args.command == "compose":
             from qlora_pipeline.tracking.dvc import find_root, pinned_params, write_params

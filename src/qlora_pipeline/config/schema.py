@@ -205,6 +205,7 @@ class PathsConfig:
     quant: str = MISSING
     report: str = MISSING
     runs: str = MISSING
+    sweeps: str = MISSING
     output_roots: list[str] = MISSING  # not an output: where they may go
 
 

@@ -128,3 +128,46 @@ def gap_bars(tasks: dict[str, dict[str, Any]], margin: float, path: Path) -> Pat
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def pareto(
+    points: list[tuple[float, float]],
+    errors: list[float],
+    names: list[str],
+    front: list[bool],
+    path: Path,
+) -> Path:
+    """Quality (QLoRA score, 95% interval) against training memory (MB), one dot per sweep
+    point; the Pareto front (less memory, more quality) filled and joined by a step line."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for (m, q), err, name, on in zip(points, errors, names, front, strict=True):
+        ax.errorbar(
+            m,
+            q,
+            yerr=err,
+            fmt="o",
+            color=COLORS["qlora"],
+            mfc=COLORS["qlora"] if on else "white",
+            capsize=4,
+            markersize=7,
+        )
+        ax.annotate(name, (m, q), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    edge = sorted(p for p, on in zip(points, front, strict=True) if on)
+    if edge:
+        ax.step(
+            [m for m, _ in edge],
+            [q for _, q in edge],
+            where="post",
+            color=COLORS["qlora"],
+            alpha=0.5,
+            label="Pareto front",
+        )
+        ax.legend(fontsize=8)
+    ax.set_xlabel("QLoRA training memory (MB): weights, adapter, gradients, optimizer")
+    ax.set_ylabel("QLoRA score (95% interval)")
+    ax.grid(alpha=0.3)
+    ax.set_title("Quality against memory per sweep point")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

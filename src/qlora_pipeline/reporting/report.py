@@ -207,14 +207,15 @@ def build_report(
         "optimizer": {m: trains[f"{m}@{first}"]["optimizer"] for m in METHODS},
         "compute_dtype": {m: trains[f"{m}@{first}"].get("compute_dtype") for m in METHODS},
     }
+    curves = {
+        f"{arm} seed {s}": _read_curve(seed_dir(adapters_dir / arm, s) / "loss.csv")
+        for s in cfg.seeds
+        for arm in METHODS
+    }
     with atomic_dir(out_dir) as tmp:
-        plots.loss_curves(
-            {
-                f"{arm} seed {s}": _read_curve(seed_dir(adapters_dir / arm, s) / "loss.csv")
-                for s in cfg.seeds
-                for arm in METHODS
-            },
-            tmp / "loss_curves.png",
+        plots.loss_curves(curves, tmp / "loss_curves.png")
+        atomic_write_text(
+            tmp / "loss.csv", loss_csv({m: curves[f"{m} seed {first}"] for m in METHODS})
         )
         plots.scores(
             {t: {m: (v[m], v[f"{m}_stderr"] or 0.0) for m in MODELS} for t, v in tasks.items()},
@@ -237,6 +238,22 @@ def build_report(
     for reason in reasons:
         log.warning("report: gate: %s", reason)
     return metrics
+
+
+def loss_csv(curves: dict[str, tuple[list[float], list[float]]]) -> str:
+    """Plot data for `dvc plots show`: the shipped seed's training loss per step, a column per
+    arm (empty where an arm logged no loss at that step). Written beside the report, not read
+    from inside the adapters' DVC outputs: `dvc exp save` would add plot sources to git."""
+    by_step: dict[float, dict[str, float]] = {}
+    for arm, (steps, losses) in curves.items():
+        for step, loss in zip(steps, losses, strict=True):
+            by_step.setdefault(step, {})[arm] = loss
+    lines = [",".join(["step", *curves])]
+    lines += [
+        ",".join([f"{step:g}", *(repr(row[a]) if a in row else "" for a in curves)])
+        for step, row in sorted(by_step.items())
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _read_curve(path: Path) -> tuple[list[float], list[float]]:

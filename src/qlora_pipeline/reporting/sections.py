@@ -276,7 +276,7 @@ def _interval(d: dict[str, float]) -> str:
     return f"{d['estimate']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
-def _gap(t: dict[str, Any]) -> str:
+def gap_text(t: dict[str, Any]) -> str:
     return f"{t['gap']:+.3f} [{t['gap_ci_low']:+.3f}, {t['gap_ci_high']:+.3f}]"
 
 
@@ -320,7 +320,7 @@ def quality_blocks(metrics: dict[str, Any]) -> list[Block]:
                 (
                     f"{task} ({t['metric']}, n={t['n']})",
                     *(f"{t[m]:.3f} ± {_fmt(t[f'{m}_stderr'])}" for m in MODELS),
-                    _gap(t),
+                    gap_text(t),
                     retention_text(t),
                     f"{_signed(t['qlora_vs_accepted'])} / {_signed(t['lora_vs_accepted'])}",
                 )
@@ -509,7 +509,7 @@ def verdict_blocks(metrics: dict[str, Any], task: str, runs: dict[str, dict]) ->
     speed = [float(runs[m].get("tokens_per_s") or 0.0) for m in METHODS]
     seeds = t["seeds"]
     lines = [
-        f"QLoRA − LoRA on {task}: {_gap(t)}"
+        f"QLoRA − LoRA on {task}: {gap_text(t)}"
         + (
             f" pooled over seeds {_seeds(seeds)}; per seed "
             + ", ".join(f"{s['gap']['estimate']:+.3f}" for s in t["per_seed"])

@@ -24,7 +24,8 @@ def _data(entry: dict, summary_path: str) -> tuple[dict, dict]:
 
 def entries(show: list[dict], summary_path: str) -> list[dict[str, Any]]:
     """Each commit of `dvc exp show --json` and each experiment on it: name, revision, params
-    (flattened params.yaml), the metrics of `summary_path`, and the baseline's params."""
+    (flattened params.yaml), the metrics of `summary_path`, the baseline's params, and (for an
+    experiment) the commit it is based on."""
     rows = []
     for commit in show:
         base_params, summary = _data(commit, summary_path)
@@ -43,9 +44,24 @@ def entries(show: list[dict], summary_path: str) -> list[dict[str, Any]]:
                         "params": params,
                         "summary": summary,
                         "baseline": base_params,
+                        "based_on": commit["rev"],
                     }
                 )
     return rows
+
+
+def shared_changes(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per commit with two or more experiments, the changes every one of them makes (a sweep's
+    fixed overrides): said once under the table, not on every line."""
+    by_commit: dict[str, list[set[str]]] = {}
+    for r in rows:
+        if "based_on" in r:
+            by_commit.setdefault(r["based_on"], []).append(set(changed(r["params"], r["baseline"])))
+    return {
+        rev: sorted(set.intersection(*sets))
+        for rev, sets in by_commit.items()
+        if len(sets) > 1 and set.intersection(*sets)
+    }
 
 
 def changed(params: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
@@ -111,6 +127,7 @@ def table(rows: list[dict[str, Any]], task: str) -> str:
         "time s",
     )
     lines = [header]
+    shared = shared_changes(rows)
     for r in rows:
         t = r["summary"].get(task) or {}
         gap = (
@@ -122,7 +139,12 @@ def table(rows: list[dict[str, Any]], task: str) -> str:
             (
                 r["name"],
                 r["rev"][:7] if r["rev"] != "workspace" else "-",
-                " ".join(changed(r["params"], r["baseline"])) or "-",
+                " ".join(
+                    c
+                    for c in changed(r["params"], r["baseline"])
+                    if c not in shared.get(r.get("based_on", ""), ())
+                )
+                or "-",
                 _num(t.get("qlora"), ".3f"),
                 _num(t.get("lora"), ".3f"),
                 gap,
@@ -133,9 +155,16 @@ def table(rows: list[dict[str, Any]], task: str) -> str:
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    notes = [
+        f"every experiment on {rev[:7]} also changes: {' '.join(keys)}"
+        for rev, keys in shared.items()
+    ]
     return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
+        [
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines
+        ]
+        + notes
     )
 
 

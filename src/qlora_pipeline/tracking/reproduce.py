@@ -12,7 +12,6 @@ against the recorded noise floor.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from qlora_pipeline.errors import PipelineError
+from qlora_pipeline.tracking.workspace import add
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -55,30 +55,8 @@ def resolve(root: Path, name: str, report_dir: str) -> str:
 
 def workspace(root: Path, sha: str) -> Path:
     """A clean git worktree of `sha` under .dvc/tmp/reproduce/, sharing this checkout's DVC cache
-    for its DVC-tracked inputs (checked out here); it holds no output."""
-    work = root / ".dvc" / "tmp" / "reproduce" / sha[:12]
-    if work.exists():
-        _git(root, "worktree", "remove", "--force", str(work))
-        shutil.rmtree(work, ignore_errors=True)
-    _git(root, "worktree", "prune")
-    added = _git(root, "worktree", "add", "--detach", "-q", str(work), sha)
-    if added.returncode != 0:
-        raise PipelineError(f"git worktree add {sha[:12]}: {added.stderr.strip()}")
-    cache = (root / ".dvc" / "cache").resolve()
-    (work / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache}\n", encoding="utf-8")
-    tracked = _git(work, "ls-files", "*.dvc").stdout.split()
-    if tracked:
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "checkout", "-q", *tracked],
-            cwd=work,
-            capture_output=True,
-        )
-    return work
-
-
-def remove(root: Path, work: Path) -> None:
-    _git(root, "worktree", "remove", "--force", str(work))
-    shutil.rmtree(work, ignore_errors=True)
+    for its DVC-tracked inputs; it holds no output."""
+    return add(root, sha, root / ".dvc" / "tmp" / "reproduce" / sha[:12])
 
 
 def output_hashes(lock_text: str) -> dict[str, str]:
