@@ -35,7 +35,7 @@ params: setup ## re-compose params.yaml from conf/
 	$(BIN)/qlora-pipeline compose
 
 lock: setup ## re-pin requirements.lock to what .venv has (after changing dependencies)
-	{ sed -n '1,4p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^qlora-pipeline' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
+	{ sed -n '1,4p' requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v -e '^qlora-pipeline' -e '^uv==' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 
 check-reference: run ## after `make run`: the committed reference run must be reproduced exactly

@@ -262,7 +262,7 @@ def reproduce(root: Path, rev: str, keep: bool) -> int:
 
 
 @task(task_run_name="point {name}")
-def point_task(work: str, name: str, overrides: list[str], label: list[str]) -> dict | State:
+def point_task(work: str, name: str, overrides: list[str]) -> dict | State:
     """One sweep point: the `qlora-pipeline` flow (the same stage tasks as a normal run) in its
     own workspace `work`, then saved as the DVC experiment `name`; the point's report row."""
     from qlora_pipeline.tracking import sweep as sw
@@ -273,33 +273,70 @@ def point_task(work: str, name: str, overrides: list[str], label: list[str]) -> 
     cfg = load_params(Path(work) / "params.yaml")
     sha = sw.save(Path(work), name, [cfg.paths.report, cfg.paths.runs])
     get_run_logger().info("point %s saved as DVC experiment %s (%s)", work, name, sha[:7])
-    return sw.point_row(Path(work), cfg, name, label) | {"rev": sha}
+    return sw.point_row(Path(work), cfg, name, overrides) | {"rev": sha}
+
+
+def objectives(future: PrefectFuture) -> tuple[float, float] | None:
+    """A finished point's QLoRA score (to maximize) and training memory in MB (to minimize)."""
+    from qlora_pipeline.reporting.sweep import MB, training_bytes
+
+    if not future.state.is_completed():
+        return None
+    row = future.result()
+    return float(row["figures"]["qlora"]), training_bytes(row["train"])["total"] / MB
 
 
 @flow(name="qlora-sweep", flow_run_name="{name}")
-def sweep_flow(root: str, name: str, points: list[list[str]], keep: bool) -> State:
+def sweep_flow(root: str, name: str, overrides: list[str], trials: int, keep: bool) -> State:
     """Every point of a sweep as its own flow run under this one, in its own workspace, at most
     `orchestration.slots` at once (the task runner's workers; their stages hold slots of the same
-    global concurrency limit as every run). The first point runs alone, so the stages every
-    point shares (bootstrap, prepare, the base's evaluation) are computed once and the others
-    restore them from DVC's run cache. Then the sweep report."""
+    global concurrency limit as every run). The points are Hydra's grid of `overrides`, or with
+    `trials` the trials Hydra's Optuna sweeper asks for, a batch of `slots` at a time. The first
+    point runs alone, so the stages every point shares (bootstrap, prepare, the base's
+    evaluation) are computed once and the others restore them from DVC's run cache. Then the
+    sweep report."""
+    import tempfile
+
     from qlora_pipeline.reporting.sweep import write_sweep_report
     from qlora_pipeline.tracking import sweep as sw
 
-    _, cfg = compose(Path(root), points[0])
-    names = sw.experiment_names(name, len(points))
-    labels = sw.varying(points)
+    fixed, axes = sw.swept(overrides)
+    points = [] if trials else sw.grid(overrides)
+    _, cfg = compose(Path(root), points[0] if points else fixed)
     changes = workspace.uncommitted(Path(root))
-    works = [sw.point_workspace(Path(root), name, n, changes, cfg.paths.runs) for n in names]
-    try:
-        first = point_task.submit(str(works[0]), names[0], points[0], labels[0])
-        first.wait()
-        futures = [first] + [
-            point_task.submit(str(w), n, p, label)
-            for w, n, p, label in zip(works[1:], names[1:], points[1:], labels[1:], strict=True)
-        ]
-        for future in futures:
+    futures: list[PrefectFuture] = []
+    works: list[Path] = []
+
+    def launch(batch: list[list[str]]) -> list[PrefectFuture]:
+        start = len(futures)
+        queued = []
+        for k, point in enumerate(batch, start + 1):
+            works.append(
+                sw.point_workspace(Path(root), name, f"{name}-{k}", changes, cfg.paths.runs)
+            )
+            queued.append((str(works[-1]), f"{name}-{k}", point))
+        if not futures:  # the first point alone: what every point shares is computed once
+            futures.append(point_task.submit(*queued.pop(0)))
+            futures[-1].wait()
+        futures.extend(point_task.submit(*q) for q in queued)
+        for future in futures[start:]:
             future.wait()
+        return futures[start:]
+
+    search = None
+    try:
+        if trials:
+            with tempfile.TemporaryDirectory() as tmp:
+                search = sw.optuna_search(
+                    axes,
+                    trials,
+                    cfg.orchestration.slots,
+                    cfg.seed,
+                    Path(tmp) / name,
+                    lambda batch: [objectives(f) for f in launch([fixed + b for b in batch])],
+                )
+        else:
+            launch(points)
     finally:
         if not keep:
             for work in works:
@@ -308,7 +345,7 @@ def sweep_flow(root: str, name: str, points: list[list[str]], keep: bool) -> Sta
     failed = [f.state for f in futures if not f.state.is_completed()]
     report = None
     if rows:
-        report = write_sweep_report(rows, Path(root) / cfg.paths.sweeps / name, f"Sweep {name}")
+        report = write_sweep_report(rows, Path(root) / cfg.paths.sweeps / name, name, search)
         create_markdown_artifact(
             markdown=report.read_text(encoding="utf-8"), key="sweep-report", description=name
         )
@@ -316,32 +353,35 @@ def sweep_flow(root: str, name: str, points: list[list[str]], keep: bool) -> Sta
     if failed:
         return Failed(
             name=failed[0].name,
-            message=f"{len(failed)} of {len(points)} points failed; " + str(failed[0].message),
+            message=f"{len(failed)} of {len(futures)} points failed; " + str(failed[0].message),
         )
-    return Completed(message=f"{len(points)} points; report: {report}")
+    return Completed(message=f"{len(futures)} points; report: {report}")
 
 
-def sweep(root: Path, overrides: list[str], name: str | None, keep: bool) -> int:
-    """Entry point of `qlora-pipeline run -m`: every point of Hydra's multirun expansion of
-    `overrides` checked first (one line naming the point), then the sweep flow."""
+def sweep(root: Path, overrides: list[str], name: str | None, trials: int, keep: bool) -> int:
+    """Entry point of `qlora-pipeline run -m`: the overrides checked first (every grid point, or
+    the fixed overrides of a search: one line naming the point), then the sweep flow."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
     from qlora_pipeline.tracking import sweep as sw
 
-    points = sw.grid(overrides)
+    fixed, axes = sw.swept(overrides)
+    points = [fixed] if trials else sw.grid(overrides)
     name = name or sw.default_name()
-    sw.check(root, name, len(points))
+    sw.check(root, name, trials or len(points), bool(axes) or not trials)
     cfgs = []
     for point, label in zip(points, sw.varying(points), strict=True):
         try:
             cfgs.append(check_overrides(root, point))
         except PipelineError as e:
-            raise type(e)(f"sweep point {' '.join(label)}: {e}") from None
+            where = f"sweep point {' '.join(label)}: " if label else ""
+            raise type(e)(f"{where}{e}") from None
     slots = cfgs[0].orchestration.slots
-    print(f"sweep {name}: {len(points)} points, {slots} at a time")
+    what = f"{trials} Optuna trials" if trials else f"{len(points)} points"
+    print(f"sweep {name}: {what}, {slots} at a time")
     runner = ThreadPoolTaskRunner(max_workers=slots)  # type: ignore[var-annotated]
     state = sweep_flow.with_options(task_runner=runner)(  # type: ignore[arg-type]
-        str(root), name, points, keep, return_state=True
+        str(root), name, list(overrides), trials, keep, return_state=True
     )
     if state.is_failed():
         return failure(state)

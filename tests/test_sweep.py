@@ -15,7 +15,7 @@ import yaml
 from conftest import TINY, adapter_dir, copy_project, run_cli
 from safetensors import safe_open
 
-from qlora_pipeline.reporting.sweep import pareto, training_bytes
+from qlora_pipeline.reporting.sweep import MB, pareto, training_bytes
 from qlora_pipeline.tracking.reproduce import output_hashes
 from qlora_pipeline.tracking.sweep import grid, varying
 
@@ -32,6 +32,14 @@ SHORT = [  # the whole DAG in seconds of compute: what is under test is the orch
     "eval.limit=8",
 ]
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+FLOW_RUNS = """
+from prefect import get_client
+with get_client(sync_client=True) as c:
+    flows = {f.id: f.name for f in c.read_flows()}
+    for run in c.read_flow_runs():
+        parent = c.read_task_run(run.parent_task_run_id).flow_run_id if run.parent_task_run_id else ""
+        print(f"{flows[run.flow_id]}:{run.id}:{parent}")
+"""
 
 
 def _commit(project: Path) -> None:
@@ -84,15 +92,23 @@ def test_a_bad_point_is_one_line_naming_it_and_nothing_runs(tmp_path):
     assert bad.returncode == 2
     (line,) = bad.stderr.strip().splitlines()
     assert line.startswith("error: sweep point train.lora.r=many: config key 'train.lora.r'")
+    alone = run_cli(tmp_path, "-m", "qlora_pipeline", "run", "--trials", "2", "seed=1")
+    assert alone.returncode == 2 and alone.stderr.strip().splitlines()[-1] == (
+        "error: --sweep-name, --trials and --keep belong to a sweep: add -m"
+    )
+    nothing = run_cli(tmp_path, "-m", "qlora_pipeline", "run", "-m", "--trials", "2", "seed=1")
+    assert nothing.returncode == 2
+    assert nothing.stderr.strip().splitlines()[-1].startswith("error: --trials: no search axis")
     assert not (tmp_path / ".dvc/tmp/sweeps").exists()
 
 
 @pytest.mark.slow
 def test_a_2x2_sweep_runs_isolated_points_reports_them_and_reproduces_one(tmp_path):
     """One command: four points, two at a time, each in its own workspace with its own params
-    and outputs (none written twice, none in the checkout), each a DVC experiment listed by
-    `experiments` and `dvc exp show`; the stages they share computed once; the sweep report
-    opens in headless Chromium; and one point, recomputed from nothing, gives the same bytes."""
+    and outputs (none written twice, none in the checkout), each a flow run under the sweep's and
+    a DVC experiment listed by `experiments` and `dvc exp show`; the stages they share computed
+    once; the sweep report opens in headless Chromium; an Optuna search over the same space; and
+    one point, recomputed from nothing, gives the same bytes."""
     copy_project(tmp_path)
     _commit(tmp_path)
     axes = ["train.lora.r=4,8", "methods.qlora.quantization.quant_type=nf4,fp4"]
@@ -132,6 +148,12 @@ def test_a_2x2_sweep_runs_isolated_points_reports_them_and_reproduces_one(tmp_pa
         )
     assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :])
 
+    # Every point is a flow run of its own under the one sweep flow run (through its task run).
+    runs = run_cli(tmp_path, "-c", FLOW_RUNS).stdout.split()
+    (sweep_run,) = [r for r in runs if r.startswith("qlora-sweep:")]
+    points = [r for r in runs if r.startswith("qlora-pipeline:")]
+    assert len(points) == 4 and all(p.split(":")[2] == sweep_run.split(":")[1] for p in points)
+
     # Every point is a DVC experiment: `dvc exp show` and `experiments` list them.
     shown = json.loads(run_cli(tmp_path, "-m", "dvc", "exp", "show", "--json").stdout)
     listed = {rev["name"] for c in shown for e in c.get("experiments") or [] for rev in e["revs"]}
@@ -167,6 +189,32 @@ def test_a_2x2_sweep_runs_isolated_points_reports_them_and_reproduces_one(tmp_pa
             cells = page.evaluate("document.querySelectorAll('tbody tr').length")
             browser.close()
         assert images == [["pareto", True, 704]] and cells == 4
+
+    taken = run_cli(tmp_path, "-m", "qlora_pipeline", "run", "-m", "--sweep-name", "sw", *axes)
+    assert taken.returncode == 2 and taken.stderr.strip().splitlines()[-1].startswith(
+        "error: --sweep-name sw: experiment sw-1 exists"
+    )
+
+    # A search instead of a grid: Hydra's Optuna sweeper asks for two trials of the ranks; each
+    # runs as a point (every stage restored from the run cache: the grid computed them). Optuna's
+    # own Pareto solutions are the report's front.
+    search = ["--sweep-name", "op", "--trials", "2", *SHORT, "orchestration.slots=2"]
+    proc = run_cli(
+        tmp_path, "-m", "qlora_pipeline", "run", "-m", *search, "train.lora.r=choice(4,8)"
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = json.loads((tmp_path / "sweeps/op/sweep.json").read_text())
+    assert [r["name"] for r in rows] == ["op-1", "op-2"]
+    for r in rows:  # the trial's rank is what the point trained
+        (rank,) = [int(o.split("=")[1]) for o in r["overrides"] if o.startswith("train.lora.r=")]
+        assert r["train"]["lora"]["r"] == rank and rank in (4, 8)
+    found = yaml.safe_load((tmp_path / "sweeps/op/optimization_results.yaml").read_text())
+    values = [(r["figures"]["qlora"], r["memory"]["total"] / MB) for r in rows]
+    front = pareto([(memory, score) for score, memory in values])
+    assert sorted(tuple(s["values"]) for s in found["solutions"]) == sorted(
+        v for v, on in zip(values, front, strict=True) if on
+    )
+    assert "## Search" in (tmp_path / "sweeps/op/sweep.md").read_text()
 
     # One point recomputed from nothing gives its recorded bytes.
     again = run_cli(tmp_path, "-m", "qlora_pipeline", "reproduce", "sw-4")

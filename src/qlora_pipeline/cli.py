@@ -90,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
         "(default: sweep-<UTC date-time>)",
     )
     run.add_argument(
+        "--trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with -m: search instead of a grid, N trials of Hydra's Optuna sweeper (NSGA-II, "
+        "seeded by `seed`; objectives: QLoRA score up, training memory down) over the sweep "
+        "overrides, e.g. train.lora.r=choice(4,8,16) 'train.lr=tag(log,interval(1e-4,1e-3))'",
+    )
+    run.add_argument(
         "--keep",
         action="store_true",
         help="with -m: keep the points' workspaces (.dvc/tmp/sweeps/<name>/)",
@@ -419,8 +428,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.command == "reproduce":
                 return flow.reproduce(root, args.rev, args.keep)
+            if (
+                args.command == "run"
+                and not args.multirun
+                and (args.trials or args.sweep_name or args.keep)
+            ):
+                return fail("--sweep-name, --trials and --keep belong to a sweep: add -m")
             if args.command == "run" and args.multirun:
-                return flow.sweep(root, args.overrides, args.sweep_name, args.keep)
+                return flow.sweep(root, args.overrides, args.sweep_name, args.trials, args.keep)
             return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
         if args.command == "compose":
             from qlora_pipeline.tracking.dvc import find_root, pinned_params, write_params

@@ -77,6 +77,29 @@ def point_cells(r: dict[str, Any], on_front: bool) -> tuple[str, ...]:
     )
 
 
+def search_blocks(search: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[Block]:
+    """What Optuna found (its own Pareto solutions, optimization_results.yaml), by point."""
+    if not search:
+        return []
+    by_values = {
+        (round(r["figures"]["qlora"], 9), round(r["memory"]["total"] / MB, 9)): r["name"]
+        for r in rows
+    }
+    found = [
+        by_values.get((round(s["values"][0], 9), round(s["values"][1], 9)), "?")
+        for s in search.get("solutions", [])
+    ]
+    return [
+        Block("h2", "Search"),
+        Block(
+            "p",
+            f"Hydra's Optuna sweeper (NSGA-II, seeded; objectives: QLoRA score up, memory down) "
+            f"ran {len(rows)} trials. Its Pareto solutions (optimization_results.yaml): "
+            f"{', '.join(sorted(set(found))) or 'none'}.",
+        ),
+    ]
+
+
 def sweep_blocks(rows: list[dict[str, Any]], title: str) -> list[Block]:
     task = rows[0]["task"]
     front = pareto([(r["memory"]["total"], r["figures"]["qlora"]) for r in rows])
@@ -123,10 +146,21 @@ def sweep_blocks(rows: list[dict[str, Any]], title: str) -> list[Block]:
     ]
 
 
-def write_sweep_report(rows: list[dict[str, Any]], out_dir: Path, title: str) -> Path:
-    """sweep.md, sweep.html (the plot embedded), pareto.png and sweep.json (the rows, memory
-    added) into `out_dir`, all or nothing; the Markdown's path."""
-    rows = [r | {"memory": training_bytes(r["train"])} for r in rows]
+def write_sweep_report(
+    rows: list[dict[str, Any]], out_dir: Path, name: str, search: dict[str, Any] | None = None
+) -> Path:
+    """sweep.md, sweep.html (the plot embedded), pareto.png and sweep.json (the rows, with
+    memory and the overrides that vary) into `out_dir`, all or nothing, and Optuna's
+    optimization_results.yaml after a search; the Markdown's path."""
+    import yaml
+
+    from qlora_pipeline.tracking.sweep import varying
+
+    labels = varying([r["overrides"] for r in rows])
+    rows = [
+        r | {"memory": training_bytes(r["train"]), "label": label}
+        for r, label in zip(rows, labels, strict=True)
+    ]
     with atomic_dir(out_dir) as tmp:
         plots.pareto(
             [(r["memory"]["total"] / MB, r["figures"]["qlora"]) for r in rows],
@@ -135,8 +169,10 @@ def write_sweep_report(rows: list[dict[str, Any]], out_dir: Path, title: str) ->
             pareto([(r["memory"]["total"], r["figures"]["qlora"]) for r in rows]),
             tmp / "pareto.png",
         )
-        blocks = sweep_blocks(rows, title)
+        blocks = sweep_blocks(rows, f"Sweep {name}") + search_blocks(search, rows)
+        if search:
+            (tmp / "optimization_results.yaml").write_text(yaml.safe_dump(search))
         (tmp / "sweep.md").write_text(to_markdown(blocks), encoding="utf-8")
-        (tmp / "sweep.html").write_text(to_html(blocks, title, tmp), encoding="utf-8")
+        (tmp / "sweep.html").write_text(to_html(blocks, f"Sweep {name}", tmp), encoding="utf-8")
         (tmp / "sweep.json").write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
     return out_dir / "sweep.md"

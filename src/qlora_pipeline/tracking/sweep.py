@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,21 +26,91 @@ from qlora_pipeline.tracking.perf import read_records
 _SAVING = threading.Lock()  # `dvc exp save` moves a shared ref (refs/exps/exec): one at a time
 
 
+def _parsed(overrides: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return list(OverridesParser.create().parse_overrides(list(overrides)))
+    except HydraException as e:
+        raise ConfigError(f"config: {str(e).strip().splitlines()[0]}") from None
+
+
 def grid(overrides: list[str]) -> list[list[str]]:
-    """Every point of a Hydra multirun override list (its cartesian product, in Hydra's order).
+    """Every point of a Hydra multirun override list (its cartesian product, in Hydra's order:
+    Hydra's basic sweeper).
 
     Raises:
         ConfigError: an override Hydra cannot parse, naming it.
     """
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
-    except HydraException as e:
-        raise ConfigError(f"config: {str(e).strip().splitlines()[0]}") from None
-    return [point for batch in BasicSweeper.split_arguments(parsed, None) for point in batch]
+    batches = BasicSweeper.split_arguments(_parsed(overrides), None)
+    return [point for batch in batches for point in batch]
+
+
+def swept(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """The overrides split into those fixed for every point and the search axes (`a=1,2`,
+    `choice(...)`, `range(...)`, `interval(...)`).
+
+    Raises:
+        ConfigError: an override Hydra cannot parse.
+    """
+    parsed = _parsed(overrides)
+    fixed = [o for o, p in zip(overrides, parsed, strict=True) if not p.is_sweep_override()]
+    axes = [o for o, p in zip(overrides, parsed, strict=True) if p.is_sweep_override()]
+    return fixed, axes
+
+
+Launch = Callable[[list[list[str]]], list[tuple[float, float] | None]]
+
+
+def optuna_search(
+    axes: list[str], trials: int, batch: int, seed: int, out_dir: Path, launch: Launch
+) -> dict[str, Any]:
+    """Hydra's Optuna sweeper over `axes`: `trials` trials, `batch` at a time, each batch given to
+    `launch` (which runs the trials as sweep points and returns each one's objectives, QLoRA
+    score to maximize and training memory to minimize, or None for a failed point). NSGA-II,
+    seeded: with few trials its first generation is a seeded random search of the space.
+    Writes Optuna's optimization_results.yaml (its Pareto solutions) into `out_dir`; returns it."""
+    import optuna
+    import yaml
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
+    from omegaconf import OmegaConf
+
+    class PointLauncher:  # what Hydra's launcher plugin would be: a batch of trials as points
+        def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
+            values = launch([list(o) for o in job_overrides])
+            return [
+                JobReturn(
+                    overrides=list(o),
+                    status=JobStatus.COMPLETED if v is not None else JobStatus.FAILED,
+                    _return_value=v if v is not None else PipelineError("the point failed"),
+                )
+                for o, v in zip(job_overrides, values, strict=True)
+            ]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweeper = OptunaSweeperImpl(
+        sampler=optuna.samplers.NSGAIISampler(seed=seed),
+        direction=["maximize", "minimize"],
+        storage=None,
+        study_name=out_dir.name,
+        n_trials=trials,
+        n_jobs=batch,
+        max_failure_rate=1.0,  # a failed point is reported with the sweep, not raised here
+        search_space=None,
+        custom_search_space=None,
+        params=None,
+    )
+    sweeper.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(out_dir)}}})
+    # No Hydra app to set up (`setup` would build Hydra's own launcher): the two things it keeps.
+    sweeper.hydra_context = "qlora-sweep"  # type: ignore[assignment]
+    sweeper.launcher = PointLauncher()  # type: ignore[assignment]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sweeper.sweep(list(axes))
+    return dict(yaml.safe_load((out_dir / "optimization_results.yaml").read_text()))
 
 
 def varying(points: list[list[str]]) -> list[list[str]]:
@@ -62,12 +133,18 @@ def existing_experiments(root: Path) -> set[str]:
     return {r.rsplit("/", 1)[-1] for r in refs.stdout.decode().split()}
 
 
-def check(root: Path, sweep: str, n: int) -> None:
-    """A sweep needs a commit (its points are worktrees of HEAD) and names not taken.
+def check(root: Path, sweep: str, n: int, axes: bool = True) -> None:
+    """A sweep needs a commit (its points are worktrees of HEAD), names not taken and, for a
+    search, `axes` to search.
 
     Raises:
-        PipelineError: no commit yet, or an experiment of that name exists.
+        PipelineError: no commit yet, an experiment of that name exists, or nothing to search.
     """
+    if not axes:
+        raise PipelineError(
+            "--trials: no search axis among the overrides (e.g. train.lora.r=choice(4,8,16) "
+            "train.lr=interval(1e-4,1e-3))"
+        )
     if workspace.git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode != 0:
         raise PipelineError("a sweep's points are worktrees of HEAD: commit the project first")
     taken = sorted(existing_experiments(root) & set(experiment_names(sweep, n)))
@@ -113,7 +190,7 @@ def save(work: Path, name: str, records: list[str]) -> str:
     raise PipelineError(f"dvc exp save -n {name}: no experiment ref was written")
 
 
-def point_row(work: Path, cfg: PipelineConfig, name: str, label: list[str]) -> dict[str, Any]:
+def point_row(work: Path, cfg: PipelineConfig, name: str, overrides: list[str]) -> dict[str, Any]:
     """What the sweep report shows of one finished point: the headline figures of its first
     evaluation task, the shipped QLoRA training's tensor accounting (train_metrics.json) and
     its measured speed (the run record, when this point computed it)."""
@@ -125,7 +202,7 @@ def point_row(work: Path, cfg: PipelineConfig, name: str, label: list[str]) -> d
     record = read_records(work / p.runs).get(f"train@qlora-{seed}", {})
     return {
         "name": name,
-        "label": label,
+        "overrides": overrides,
         "task": task,
         "figures": metrics["tasks"][task],
         "verdict": metrics["verdict"],
