@@ -7,6 +7,11 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
+# pytest workers (pytest-xdist, one test file per worker at a time): the end-to-end tests spend
+# much of their time in process start-up, DVC and Prefect round trips, so two workers keep both
+# cores busy. OMP_WAIT_POLICY=PASSIVE: OpenMP threads of one worker sleep, not spin, while the
+# other computes (it changes no result).
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test test-fast lint format params lock check-reference bench-prepare bench-cpu-kernels bench-stage-startup clean
 
@@ -17,7 +22,7 @@ run: setup ## compose conf/ and run the whole pipeline (Prefect flow over DVC st
 	$(BIN)/qlora-pipeline run $(OVERRIDES)
 
 test: setup lint ## lint, type-check, then the whole test suite (CPU; GPU tests skip)
-	$(BIN)/pytest -q --durations=12
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
