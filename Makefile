@@ -7,13 +7,8 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
-# pytest workers (pytest-xdist, one test file per worker at a time): the end-to-end tests spend
-# much of their time in process start-up, DVC and Prefect round trips, so two workers keep both
-# cores busy. OMP_WAIT_POLICY=PASSIVE: OpenMP threads of one worker sleep, not spin, while the
-# other computes (it changes no result).
-TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench-prepare bench-cpu-kernels bench-stage-startup clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,7 +17,7 @@ run: setup ## compose conf/ and run the whole pipeline (Prefect flow over DVC st
 	$(BIN)/qlora-pipeline run $(OVERRIDES)
 
 test: setup lint ## lint, type-check, then the whole test suite (CPU; GPU tests skip)
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=12
+	$(BIN)/pytest -q --durations=12
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
@@ -46,6 +41,17 @@ lock: setup ## re-pin requirements.lock to what .venv has (after changing depend
 check-reference: run ## after `make run`: the committed reference run must be reproduced exactly
 	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/summary.json reports/scores.csv
 	@echo "reference run reproduced: dvc.lock and reports/metrics.json unchanged"
+
+bench: bench-quant bench-train bench-e2e bench-prepare ## every benchmark of benchmarks/RESULTS.md
+
+bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes recipe, side by side
+	$(BIN)/python benchmarks/bench_train.py
+
+bench-quant: run ## measured bits per parameter of 4-bit weights vs 4.127 / 4.5, footprint vs bf16
+	$(BIN)/python benchmarks/bench_quant.py
+
+bench-e2e: setup ## the default run cold and warm in a scratch copy: compute vs orchestration
+	$(BIN)/python benchmarks/bench_e2e.py
 
 bench-cpu-kernels: setup ## speed of native vs pinned (avx2, compatible) CPU kernels, side by side
 	$(BIN)/python benchmarks/bench_cpu_kernels.py

@@ -420,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault(
                 "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", "1"
             )
+            # The temporary server gets 20 s to answer by default; a busy machine (both cores
+            # training) has been seen to need more, and a timeout fails the whole run.
+            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
             if args.command == "serve":
                 from pipelines.serve import serve
 

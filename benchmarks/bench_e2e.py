@@ -1,0 +1,114 @@
+"""The default run end to end, cold and warm, its wall time split into compute and orchestration.
+
+In a scratch copy of the project (what a fresh clone has: no outputs, no DVC cache), this runs
+`qlora-pipeline run` twice: cold (every stage computes) and warm (nothing changed: DVC says every
+stage is up to date). Compute is the stage commands' own time: the sum of `wall_s` of the run
+records (each from the command's start in the fork server, whose libraries are already imported,
+to its outputs written). Orchestration is the rest of the wall time: the CLI's start-up and
+imports, composing the config, Prefect (its temporary server, flow and task runs, slot hand-overs),
+DVC (status, hashing, the repro processes, cache copies) and the fork server's start.
+The default `orchestration.slots` is 1, so stages do not overlap and the sum is meaningful.
+
+Prints a table and writes benchmarks/results/e2e.json.
+
+    .venv/bin/python benchmarks/bench_e2e.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scratch_copy(dst: Path) -> None:
+    """The files git tracks or would track, without outputs, records or the lock."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, files.split("\0")):
+        if rel.startswith(("reports/", "runs/", "dvc.lock")) or not (ROOT / rel).is_file():
+            continue
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+
+
+def timed_run(project: Path) -> tuple[float, dict[str, float]]:
+    """The run's wall time and the wall time of each stage command it ran (its run records)."""
+    records = project / "runs"
+    before = {p: p.stat().st_mtime for p in records.glob("*.json")} if records.is_dir() else {}
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "qlora_pipeline", "run"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"run failed:\n{proc.stderr[-3000:]}")
+    ran = {
+        p.stem: json.loads(p.read_text())["wall_s"]
+        for p in records.glob("*.json")
+        if before.get(p) != p.stat().st_mtime
+    }
+    return wall, ran
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from qlora_pipeline.tracking.perf import cpu_model
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp)
+        scratch_copy(project)
+        for label in ("cold", "warm"):
+            wall, ran = timed_run(project)
+            compute = sum(ran.values())
+            rows[label] = {
+                "wall_s": wall,
+                "compute_s": compute,
+                "orchestration_s": wall - compute,
+                "orchestration_share": (wall - compute) / wall,
+                "stages_run": len(ran),
+                "orchestration_per_stage_s": (wall - compute) / len(ran) if ran else None,
+                "stages": ran,
+            }
+    print(
+        f"{'run':6s}{'wall s':>9s}{'compute s':>11s}{'orchestration s':>17s}{'share':>7s}"
+        f"{'stages':>8s}{'per stage s':>13s}"
+    )
+    for label, r in rows.items():
+        per = r["orchestration_per_stage_s"]
+        print(
+            f"{label:6s}{r['wall_s']:9.1f}{r['compute_s']:11.1f}{r['orchestration_s']:17.1f}"
+            f"{r['orchestration_share']:7.0%}{r['stages_run']:8d}"
+            f"{'—' if per is None else f'{per:.1f}':>13s}"
+        )
+    out = ROOT / "benchmarks/results/e2e.json"
+    out.write_text(
+        json.dumps(
+            {"command": "benchmarks/bench_e2e.py", "machine": cpu_model(), "runs": rows}, indent=1
+        )
+        + "\n"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
