@@ -7,9 +7,9 @@ For every variant (NF4 / FP4, with and without double quantization), bitsandbyte
     constants' share no longer depends on small shapes;
 and the bits its packed codes and constants take are counted, against 4 + 8/64 + 32/(64*256) =
 4.127 (double quantization, block 64) and 4 + 32/64 = 4.5 (without). The footprint ratio of the
-quantized weights to bf16 is bits / 16. Then the whole default base as each arm loads it
-(`modeling/load.load_base`): 4-bit QLoRA against the bf16 LoRA base, which also holds the
-embeddings and norms QLoRA leaves unquantized.
+quantized weights to bf16 is bits / 16. Then the whole default base as QLoRA loads it
+(`modeling/load.load_base`) against the same model in bf16 (its embeddings and norms stay
+unquantized), and the LoRA arm's base as loaded here (fp32 on pinned CPU kernels).
 
 Needs models/base (`make run`, or `dvc repro bootstrap`). Prints a table and writes
 benchmarks/results/quant.json.
@@ -56,9 +56,10 @@ def main() -> None:
     torch.manual_seed(0)
     big = (torch.randn(8192, 2048) * 0.02).to(torch.bfloat16).float()
     large = {variant_name(t, dq): layer_error(big, t, dq) for t, dq in VARIANTS}
-    footprint = {
-        arm: load_base(base, cfg.methods[arm]).get_memory_footprint() for arm in ("qlora", "lora")
-    }
+    models = {arm: load_base(base, cfg.methods[arm]) for arm in ("qlora", "lora")}
+    footprint = {arm: m.get_memory_footprint() for arm, m in models.items()}
+    lora_dtype = str(next(models["lora"].parameters()).dtype).removeprefix("torch.")
+    bf16 = sum(p.numel() for p in models["lora"].parameters()) * 2
     rows = []
     print(f"{'variant':10s}{'theory':>8s}{'base linears':>14s}{'2048x8192':>11s}{'vs bf16':>9s}")
     for t, dq in VARIANTS:
@@ -76,11 +77,12 @@ def main() -> None:
             f"{v:10s}{row['theory_bits']:8.3f}{row['base_bits']:14.3f}{row['large_bits']:11.3f}"
             f"{row['ratio_to_bf16']:9.3f}"
         )
-    ratio = footprint["qlora"] / footprint["lora"]
+    ratio = footprint["qlora"] / bf16
     print(
-        f"whole default base as loaded: QLoRA {footprint['qlora'] / 2**20:.2f} MB, bf16 LoRA base "
-        f"{footprint['lora'] / 2**20:.2f} MB ({ratio:.3f}x; embeddings, norms and "
-        f"{', '.join(q.skip_modules)} stay unquantized)"
+        f"whole default base: QLoRA as loaded {footprint['qlora'] / 2**20:.2f} MB, the same model "
+        f"in bf16 {bf16 / 2**20:.2f} MB ({ratio:.3f}x; embeddings, norms and "
+        f"{', '.join(q.skip_modules)} stay unquantized); the LoRA arm's base as loaded here "
+        f"({lora_dtype}) {footprint['lora'] / 2**20:.2f} MB"
     )
     out = ROOT / "benchmarks/results/quant.json"
     out.write_text(
@@ -89,8 +91,9 @@ def main() -> None:
                 "command": "benchmarks/bench_quant.py",
                 "machine": cpu_model(),
                 "variants": rows,
-                "footprint_bytes": footprint,
-                "footprint_ratio": ratio,
+                "footprint_bytes": footprint | {"bf16": bf16},
+                "lora_base_dtype_as_loaded": lora_dtype,
+                "qlora_over_bf16": ratio,
             },
             indent=1,
         )
