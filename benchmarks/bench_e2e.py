@@ -18,30 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def scratch_copy(dst: Path) -> None:
-    """The files git tracks or would track, without outputs, records or the lock."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, files.split("\0")):
-        if rel.startswith(("reports/", "runs/", "dvc.lock")) or not (ROOT / rel).is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+from common import ROOT, scratch_copy
 
 
 def timed_run(project: Path) -> tuple[float, dict[str, float]]:
@@ -77,6 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
         scratch_copy(project)
+        subprocess.run(["git", "init", "-q"], cwd=project, check=True)
         for label in ("cold", "warm"):
             wall, ran = timed_run(project)
             compute = sum(ran.values())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, scratch_copy
+
 SMALL = [  # the default tiny Llama (3.67M parameters), fewer pre-training steps, less data
     "model.bootstrap.steps=60",
     "data.synthetic.n_train=2000",
@@ -39,19 +39,6 @@ COMMANDS = (
     ("prepare (cache hit)", ["prepare"]),
     ("evaluate base", ["evaluate", "base"]),
 )
-
-
-def scratch_copy(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, files.split("\0")):
-        if (ROOT / rel).is_file() and not rel.startswith(("reports/", "runs/")):
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dst / rel)
 
 
 def timed(project: Path, args: list[str], env: dict[str, str]) -> float:
