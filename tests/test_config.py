@@ -72,6 +72,7 @@ def test_qlora_is_lora_plus_quantization_only():
         (["data.synthetic.skills=[reverse,fly]"], "data.synthetic.skills"),
         (["orchestration.slots=0"], "orchestration.slots"),
         (["orchestration.retry_delays_s=[]"], "orchestration.retry_delays_s"),
+        (["orchestration.gpu_memory_gb=0"], "orchestration.gpu_memory_gb"),
         (["paths.data=data"], "paths.data"),  # would contain data/raw
         (["paths.base=src/models"], "paths.base"),
         (["paths.eval=conf"], "paths.eval"),

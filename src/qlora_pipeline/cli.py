@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from qlora_pipeline.errors import ERROR_FILE_ENV, WRITE_ERRNOS, PipelineError
+from qlora_pipeline.modeling.plan import KNOWN as KNOWN_SHAPES
 
 DESCRIPTION = """\
 QLoRA vs LoRA: fine-tune, evaluate with lm-eval, and report the quality gap.
@@ -160,26 +161,42 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="write the quality-gap report")
     pl = sub.add_parser(
         "plan",
-        help="estimate training memory per method and whether it fits a GPU (nothing is loaded)",
+        help="estimate each arm's GPU memory for training and whether it fits (nothing is "
+        "loaded); defaults: the configured recipe",
     )
     pl.add_argument(
         "--model",
-        help="a folder with config.json, a config.json, or a hub id (default: the configured base)",
+        help="a folder with config.json, a config.json, a hub id, or one of "
+        f"{', '.join(KNOWN_SHAPES)} (default: the configured base)",
     )
     pl.add_argument(
-        "--seq-len", type=int, default=2048, help="tokens per row (default %(default)s)"
+        "--seq-len", type=int, help="the longest row in tokens: the worst case (data.max_length)"
     )
     pl.add_argument(
-        "--batch", type=int, default=1, help="rows per device step (default %(default)s)"
+        "--typical-len", type=int, help="a typical row's tokens, for the typical batch's peak"
     )
+    pl.add_argument("--batch", type=int, help="rows per device step (train.batch_size)")
     pl.add_argument(
-        "--gpu-gb", type=float, default=80, help="GPU memory in GB (default %(default)s)"
+        "--gpu-gb",
+        type=float,
+        help="GPU memory in GiB (orchestration.gpu_memory_gb, else the visible GPU, else 80)",
     )
-    pl.add_argument("--r", type=int, help="LoRA rank (default: train.lora.r)")
+    pl.add_argument("--r", type=int, help="LoRA rank (train.lora.r)")
     pl.add_argument(
         "--optimizer",
         choices=["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"],
-        help="default: the configured one",
+        help="methods.<arm>.optimizer; paged ones can evict their state to CPU RAM",
+    )
+    pl.add_argument(
+        "--adapter-dtype",
+        choices=["float32", "bfloat16"],
+        help="LoRA weights and gradients: float32 (peft's default, this pipeline) or bfloat16 "
+        "(the QLoRA paper's recipe casts them)",
+    )
+    pl.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help="gradient checkpointing (train.gradient_checkpointing)",
     )
     sub.add_parser(
         "gate",
@@ -460,19 +477,33 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "plan":
             from qlora_pipeline.config.schema import load_params
-            from qlora_pipeline.modeling.plan import load_model_config, plan_table
+            from qlora_pipeline.modeling.plan import (
+                DTYPE_BYTES,
+                configured_recipes,
+                load_model_config,
+                plan_table,
+                prepared_median_length,
+                visible_gpu_gib,
+            )
 
             cfg = load_params(args.params)
             config, source = load_model_config(args.model, cfg)
-            table, _ = plan_table(
-                config,
+            typical = args.typical_len  # or the configured data's median row, for its model
+            if typical is None and args.model is None:
+                typical = prepared_median_length(Path(cfg.paths.data))
+            gpu = args.gpu_gb or cfg.orchestration.gpu_memory_gb or visible_gpu_gib() or 80
+            recipes = configured_recipes(
+                cfg,
                 args.seq_len,
                 args.batch,
-                args.gpu_gb,
-                args.r or cfg.train.lora.r,
-                args.optimizer or cfg.methods["qlora"].optimizer,
+                typical_len=typical,
+                r=args.r,
+                optimizer=args.optimizer,
+                adapter_bytes=args.adapter_dtype and DTYPE_BYTES[args.adapter_dtype],
+                checkpointing=args.checkpointing,
             )
-            print(f"{source}: seq_len {args.seq_len}, batch {args.batch}\n{table}")
+            table, _ = plan_table(config, recipes, gpu)
+            print(f"{source}:\n{table}")
             return 0
         if args.command == "freeze-test":
             from qlora_pipeline.tracking.dvc import find_root
@@ -499,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         _stage(args)
         return 0
     except PipelineError as e:
-        return fail(str(e))
+        code = fail(str(e))
+        if e.detail:
+            print(e.detail, file=sys.stderr)
+        return code
     except OSError as e:
         if errno.errorcode.get(e.errno or 0) not in WRITE_ERRNOS:
             raise

@@ -2,7 +2,12 @@
 
 
 class PipelineError(Exception):
-    """A user-facing problem: bad config, bad input data, a missing file."""
+    """A user-facing problem: bad config, bad input data, a missing file. `detail` (a table, say)
+    is printed as is after the one line."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class ConfigError(PipelineError):

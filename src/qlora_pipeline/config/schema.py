@@ -186,6 +186,7 @@ class OrchestrationConfig:
     limit: str = MISSING
     retries: int = MISSING
     retry_delays_s: list[float] = MISSING
+    gpu_memory_gb: float | None = MISSING
 
 
 @dataclass
@@ -487,6 +488,11 @@ def _validate_values(cfg: PipelineConfig) -> None:
         bool(o.retry_delays_s) and min(o.retry_delays_s) >= 0,
         "orchestration.retry_delays_s",
         f"must be a non-empty list of seconds >= 0, got {o.retry_delays_s}",
+    )
+    _check(
+        o.gpu_memory_gb is None or o.gpu_memory_gb > 0,
+        "orchestration.gpu_memory_gb",
+        f"must be GiB > 0 or null, got {o.gpu_memory_gb}",
     )
 
 
