@@ -1,4 +1,4 @@
-"""What the benchmarks share."""
+"""What the benchmarks share (the tests copy projects with `scratch_copy` too)."""
 
 from __future__ import annotations
 

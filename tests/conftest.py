@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,8 @@ pin_cpu("avx2", 2)  # as every stage does, before torch is imported: the same by
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import scratch_copy  # noqa: E402  (the benchmarks' scratch copies too)
 
 # The smallest config: the same machinery as the default, shrunk to seconds.
 TINY = [
@@ -61,24 +65,33 @@ def conf_default(section: str, **changes: Any) -> Any:
     return dataclasses.replace(copy.deepcopy(value), **changes)
 
 
-def copy_project(dst: Path) -> None:
-    """What a fresh clone has: the files git tracks or would track (no outputs, no caches)."""
-    files = (
-        subprocess.run(
-            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-            cwd=ROOT,
-            capture_output=True,
-            check=True,
-        )
-        .stdout.decode()
-        .split("\0")
+@functools.cache
+def _prefect_home() -> Path:
+    """A PREFECT_HOME as a first run leaves it (the database migrated, block types registered):
+    made once per session by starting and stopping a temporary server, ~7 s that every
+    project's first `run` would otherwise spend on its own."""
+    home = Path(os.environ["PREFECT_HOME"]) / "template"  # the session's (_isolated_prefect)
+    home.mkdir(parents=True, exist_ok=True)
+    start_stop = (
+        "from prefect.server.api.server import SubprocessASGIServer\n"
+        "server = SubprocessASGIServer()\nserver.start(timeout=120)\nserver.stop()\n"
     )
-    for rel in filter(None, files):
-        if rel.startswith(("reports/", "runs/", "dvc.lock")) or not (ROOT / rel).is_file():
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, dst / rel)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    subprocess.run([sys.executable, "-c", start_stop], env=env, check=True, capture_output=True)
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in prefect.db
+    return home
+
+
+def copy_project(dst: Path) -> None:
+    """What a fresh clone has (no outputs, no caches), as a git repository of its own, with a
+    ready Prefect database in its (git-ignored) PREFECT_HOME."""
+    scratch_copy(dst)
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    template = _prefect_home()
+    (dst / ".prefect").mkdir()
+    for name in ("prefect.db", "memo_store.toml"):  # the memo: block types are registered
+        shutil.copy2(template / name, dst / ".prefect" / name)
 
 
 def run_cli(

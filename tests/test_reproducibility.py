@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -87,6 +89,7 @@ STAGES = (
     ["export", "qlora"],
     ["evaluate", "qlora"],
 )
+COMPOSING = threading.Lock()
 OUTPUTS = ("models/base", "data/prepared", "models/adapters", "models/export", "results/eval")
 
 
@@ -94,7 +97,8 @@ def _machine(folder: Path, machine: dict[str, str], overrides: list[str], stages
     """Run stages through the CLI in `folder` as a machine with `machine`'s environment; one core
     for the AVX2 machine. Returns the sha256 of every output folder."""
     folder.mkdir(parents=True)
-    text, _ = compose(ROOT, [*TINY, *SHORT, *overrides])
+    with COMPOSING:  # Hydra's state is global: one composition at a time
+        text, _ = compose(ROOT, [*TINY, *SHORT, *overrides])
     (folder / "params.yaml").write_text(text)
     env = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENV and k != "PYTHONHASHSEED"}
     env.update(machine)
@@ -118,8 +122,10 @@ def _machine(folder: Path, machine: dict[str, str], overrides: list[str], stages
 def test_native_kernels_differ_between_the_emulated_cpus(tmp_path):
     """The control: without pinning, the two emulated machines really compute differently."""
     native = ["runtime.cpu_kernels=native"]
-    a = _machine(tmp_path / "a", AVX512_MACHINE, native, STAGES[:1])
-    b = _machine(tmp_path / "b", AVX2_MACHINE, native, STAGES[:1])
+    with ThreadPoolExecutor(2) as machines:
+        a_run = machines.submit(_machine, tmp_path / "a", AVX512_MACHINE, native, STAGES[:1])
+        b_run = machines.submit(_machine, tmp_path / "b", AVX2_MACHINE, native, STAGES[:1])
+        a, b = a_run.result(), b_run.result()
     assert a["models/base"] != b["models/base"]
 
 
@@ -127,8 +133,10 @@ def test_native_kernels_differ_between_the_emulated_cpus(tmp_path):
 def test_portable_kernels_give_the_same_bytes_on_both_emulated_cpus(tmp_path):
     """Base model, prepared data, adapters, export and evaluation: identical bytes, in different
     folders, on different ISA caps, core counts and thread environments."""
-    a = _machine(tmp_path / "a", AVX512_MACHINE, [])
-    b = _machine(tmp_path / "b-other-folder", AVX2_MACHINE, [])
+    with ThreadPoolExecutor(2) as machines:  # side by side: only the bytes are compared
+        a_run = machines.submit(_machine, tmp_path / "a", AVX512_MACHINE, [])
+        b_run = machines.submit(_machine, tmp_path / "b-other-folder", AVX2_MACHINE, [])
+        a, b = a_run.result(), b_run.result()
     assert set(a) == set(OUTPUTS)
     assert a == b
     record = yaml.safe_load((tmp_path / "a/runs/train@qlora-5.json").read_text())
