@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup clean
 
 setup:
 	@bash scripts/setup.sh
@@ -46,6 +46,10 @@ bench: bench-quant bench-train bench-e2e bench-prepare ## every benchmark of ben
 
 bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes recipe, side by side
 	$(BIN)/python benchmarks/bench_train.py
+
+bench-gpu: run ## on a GPU: real-size random-init Llama 1B and 8B, 50 steps of 2048 tokens, vs stock
+	$(BIN)/python benchmarks/bench_train.py --shape llama-1b --steps 50 --rounds 1
+	$(BIN)/python benchmarks/bench_train.py --shape llama-8b --steps 50 --rounds 1
 
 bench-quant: run ## measured bits per parameter of 4-bit weights vs 4.127 / 4.5, footprint vs bf16
 	$(BIN)/python benchmarks/bench_quant.py

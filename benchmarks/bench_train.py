@@ -23,6 +23,13 @@ Needs the base and prepared data of the default run (`make run`, or `dvc repro p
 table (medians over rounds) and writes benchmarks/results/train.json.
 
     .venv/bin/python benchmarks/bench_train.py [--steps 150] [--rounds 2]
+
+The GPU figures (`make bench-gpu`): `--shape llama-1b` or `llama-8b` trains a real-size
+random-init Llama of that shape on random rows of `--seq-len` tokens (no padding), batch
+`--batch`, rank `--r`, gradient checkpointing on; each variant's CUDA peak
+(`torch.cuda.max_memory_allocated`, a fresh process each) is printed beside the memory planner's
+worst case for the same recipe, with the MFU (frozen base: 4 x params FLOPs per token, plus
+6 x adapter params). `--shape tiny --steps 2 --rounds 1` smoke-tests that path on a CPU.
 """
 
 from __future__ import annotations
@@ -46,13 +53,22 @@ from qlora_pipeline.config.schema import load_params
 from qlora_pipeline.runtime import pin_cpu
 
 recipe, method, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+shape = json.loads(sys.argv[5])  # {} for the pipeline's own base and data
 cfg = load_params("params.yaml")
 pin_cpu(cfg.runtime.cpu_kernels, cfg.runtime.threads)
 cfg.train.max_steps, cfg.train.eval_steps, cfg.train.save_steps = steps, None, None
 base, data, seed = cfg.paths.base, cfg.paths.data, cfg.seeds[0]
+if shape:
+    base, data = shape["base"], shape["data"]
+    cfg.train.batch_size, cfg.train.lora.r = shape["batch"], shape["r"]
+    cfg.train.gradient_checkpointing = shape["checkpointing"]
 
 import torch  # noqa: E402
 from qlora_pipeline.modeling.plan import OPTIMIZER_BYTES  # noqa: E402
+
+cuda = torch.cuda.is_available()
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
 
 def accounting(footprint, trainable, item, optimizer):
     return footprint + trainable * (2 * item + OPTIMIZER_BYTES[optimizer])
@@ -100,7 +116,8 @@ else:
             output_dir=str(out / "stock"), per_device_train_batch_size=cfg.train.batch_size,
             max_steps=steps, learning_rate=cfg.train.lr, optim=arm.optimizer, seed=seed,
             logging_steps=10, report_to="none", save_strategy="no", disable_tqdm=True,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not cuda, bf16=cuda and dtype == torch.bfloat16,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
             include_num_input_tokens_seen="non_padding"),
         train_dataset=train_set,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
@@ -113,16 +130,17 @@ else:
         "tensor_bytes": accounting(footprint, trainable, 4, arm.optimizer),
     }
 result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 print("RESULT " + json.dumps(result))
 """
 
 
-def run_variant(variant: str, steps: int) -> dict:
+def run_variant(variant: str, steps: int, shape: dict) -> dict:
     recipe, method = variant.split()
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "PYTHONHASHSEED": "0", "TQDM_DISABLE": "1"}
         proc = subprocess.run(
-            [sys.executable, "-c", CHILD, recipe, method, str(steps), tmp],
+            [sys.executable, "-c", CHILD, recipe, method, str(steps), tmp, json.dumps(shape)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -134,6 +152,88 @@ def run_variant(variant: str, steps: int) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+# Real-size random-init Llama shapes for the GPU figures (config.json fields); `tiny` smoke-tests
+# the same path on a CPU in seconds.
+SHAPES = {
+    "tiny": {
+        "vocab_size": 384,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+    },
+    "llama-1b": {  # meta-llama/Llama-3.2-1B
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+    },
+    "llama-8b": {  # meta-llama/Llama-3.1-8B
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
+}
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # bf16
+
+
+def synthetic(shape: str, seq_len: int, rows: int, work: Path) -> tuple[Path, Path]:
+    """A random-init Llama of `shape` (bf16 safetensors, the default base's tokenizer) and
+    `rows` random rows of exactly `seq_len` tokens, all of them trained on (no padding)."""
+    import torch
+    from datasets import Dataset, DatasetDict
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    base, data = work / "base", work / "data"
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq_len, 2048))
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(base, safe_serialization=True)
+    del model
+    AutoTokenizer.from_pretrained(ROOT / "models/base").save_pretrained(base)
+    (base / "base.json").write_text(json.dumps({"source": "bootstrap"}))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (rows + 8, seq_len), generator=g).tolist()
+    columns = {"input_ids": ids, "attention_mask": [[1] * seq_len] * len(ids), "labels": ids}
+    split = Dataset.from_dict(columns)
+    DatasetDict(
+        train=split.select(range(rows)), val=split.select(range(rows, rows + 8))
+    ).save_to_disk(str(data / "dataset"))
+    (data / "manifest.json").write_text(json.dumps({"cache_key": f"{shape}-{seq_len}-{rows}"}))
+    return base, data
+
+
+def planned_peak(shape: str, method: str, seq_len: int, batch: int, r: int, ckpt: bool) -> float:
+    """The memory planner's worst case for this variant's recipe (the configured arm)."""
+    from qlora_pipeline.config.schema import load_params
+    from qlora_pipeline.modeling.plan import estimate, recipe
+
+    cfg = load_params(ROOT / "params.yaml")
+    rec = recipe(cfg.methods[method], cfg.train, seq_len, batch, r=r, checkpointing=ckpt)
+    return estimate(SHAPES[shape], rec)["peak_worst"]
+
+
+def train_flops_per_token(shape: str, r: int) -> float:
+    """A frozen base: forward 2N and input gradients 2N per token (no weight gradients), plus
+    the adapter's forward, input and weight gradients (6 per adapter parameter); recomputation
+    under checkpointing is not counted (the MFU convention)."""
+    from qlora_pipeline.modeling.plan import Shape, adapter_params
+
+    s = Shape.from_config(SHAPES[shape])
+    n = sum(s.params().values()) - s.vocab * s.hidden  # the embedding lookup is no matmul
+    return 4.0 * n + 6.0 * adapter_params(s, r)
+
+
 def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from qlora_pipeline.tracking.perf import cpu_model
@@ -143,16 +243,52 @@ def main() -> None:
     p.add_argument(
         "--rounds", type=int, default=2, help="runs of each variant (default %(default)s)"
     )
-    p.add_argument("--out", default=str(ROOT / "benchmarks/results/train.json"))
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        help="a random-init Llama of this shape on random full-length rows, instead of the "
+        "default run's base and data (the GPU figures: llama-1b, llama-8b)",
+    )
+    p.add_argument("--seq-len", type=int, default=2048, help="with --shape (default %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="with --shape (default %(default)s)")
+    p.add_argument("--r", type=int, default=16, help="with --shape: LoRA rank (%(default)s)")
+    p.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --shape: gradient checkpointing (default on)",
+    )
+    p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the MFU")
+    p.add_argument("--out", help="default: benchmarks/results/train[-SHAPE].json")
     args = p.parse_args()
+    out = Path(
+        args.out or ROOT / f"benchmarks/results/train{'-' + args.shape if args.shape else ''}.json"
+    )
     if not (ROOT / "data/prepared/dataset").is_dir() or not (ROOT / "models/base").is_dir():
         sys.exit("needs models/base and data/prepared: run `make run` (or `dvc repro prepare`)")
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        for v in VARIANTS:
-            runs[v].append(run_variant(v, args.steps))
-            last = runs[v][-1]
-            print(f"round {r + 1} {v:15s} {1000 * last['train_s'] / last['steps']:7.1f} ms/step")
+    with tempfile.TemporaryDirectory() as work:
+        shape: dict = {}
+        if args.shape:
+            base, data = synthetic(args.shape, args.seq_len, args.steps * args.batch, Path(work))
+            shape = {
+                "base": str(base),
+                "data": str(data),
+                "batch": args.batch,
+                "r": args.r,
+                "checkpointing": args.checkpointing,
+            }
+        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        for r in range(args.rounds):
+            for v in VARIANTS:
+                runs[v].append(run_variant(v, args.steps, shape))
+                last = runs[v][-1]
+                print(
+                    f"round {r + 1} {v:15s} {1000 * last['train_s'] / last['steps']:7.1f} ms/step"
+                )
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
     rows = {}
     for v, rs in runs.items():
         rows[v] = {
@@ -160,8 +296,20 @@ def main() -> None:
             "tokens_per_s": statistics.median(x["tokens"] / x["train_s"] for x in rs),
             "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
             "tensor_mb": rs[0]["tensor_bytes"] / 2**20,
+            "cuda_peak_mb": rs[0]["cuda_peak_mb"],
             "runs": rs,
         }
+        if args.shape:
+            method = v.split()[1]
+            rows[v]["planned_mb"] = (
+                planned_peak(
+                    args.shape, method, args.seq_len, args.batch, args.r, args.checkpointing
+                )
+                / 2**20
+            )
+            if peak:
+                flops = train_flops_per_token(args.shape, args.r) * rows[v]["tokens_per_s"]
+                rows[v]["mfu"] = flops / (peak * 1e12)
     ratio = {
         recipe: rows[f"{recipe} qlora"]["step_ms"] / rows[f"{recipe} lora"]["step_ms"]
         for recipe in ("pipeline", "stock")
@@ -169,26 +317,41 @@ def main() -> None:
     header = (
         f"{'variant':16s}{'ms/step':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}{'tensors MB':>12s}"
     )
+    if gpu:
+        header += f"{'CUDA peak MB':>14s}{'planned MB':>12s}{'MFU':>7s}"
     print(header)
     for v, row in rows.items():
-        print(
+        line = (
             f"{v:16s}{row['step_ms']:9.1f}{row['tokens_per_s']:10.0f}"
             f"{row['peak_rss_mb']:13.0f}{row['tensor_mb']:12.2f}"
         )
+        if gpu:
+            line += f"{row['cuda_peak_mb']:14.0f}{row.get('planned_mb', float('nan')):12.0f}"
+            line += f"{row.get('mfu', float('nan')):7.3f}"
+        print(line)
     print(
         f"QLoRA/LoRA step time: pipeline {ratio['pipeline']:.2f}, stock {ratio['stock']:.2f} "
         f"(pipeline/stock ratio {ratio['pipeline'] / ratio['stock']:.2f}); per token the "
         f"pipeline's QLoRA runs at {rows['pipeline qlora']['tokens_per_s'] / rows['stock qlora']['tokens_per_s']:.2f}x "
-        f"the stock recipe's"
+        f"the stock recipe's, its LoRA at "
+        f"{rows['pipeline lora']['tokens_per_s'] / rows['stock lora']['tokens_per_s']:.2f}x"
     )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
         json.dumps(
             {
                 "command": "benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
-                "machine": cpu_model(),
+                "machine": gpu or cpu_model(),
                 "steps": args.steps,
                 "rounds": args.rounds,
+                "shape": args.shape
+                and {
+                    "name": args.shape,
+                    "seq_len": args.seq_len,
+                    "batch": args.batch,
+                    "r": args.r,
+                    "checkpointing": args.checkpointing,
+                },
                 "variants": rows,
                 "qlora_over_lora_step_time": ratio,
             },
@@ -196,7 +359,7 @@ def main() -> None:
         )
         + "\n"
     )
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
