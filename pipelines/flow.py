@@ -31,7 +31,7 @@ from qlora_pipeline.config.schema import PipelineConfig, PromotionConfig, load_p
 from qlora_pipeline.errors import PipelineError, StageInputError
 from qlora_pipeline.files import read_json
 from qlora_pipeline.forkserver import ENV as FORKSERVER_ENV
-from qlora_pipeline.forkserver import serving
+from qlora_pipeline.forkserver import serving, sharing, start_early
 from qlora_pipeline.modeling.plan import preflight
 from qlora_pipeline.reporting.document import score_rows
 from qlora_pipeline.reporting.gate import read_verdict
@@ -342,18 +342,19 @@ def sweep_flow(root: str, name: str, overrides: list[str], trials: int, keep: bo
 
     search = None
     try:
-        if trials:
-            with tempfile.TemporaryDirectory() as tmp:
-                search = sw.optuna_search(
-                    axes,
-                    trials,
-                    cfg.orchestration.slots,
-                    cfg.seed,
-                    Path(tmp) / name,
-                    lambda batch: [objectives(f) for f in launch([fixed + b for b in batch])],
-                )
-        else:
-            launch(points)
+        with sharing(cfg.runtime.cpu_kernels, cfg.runtime.threads):  # one for all the points
+            if trials:
+                with tempfile.TemporaryDirectory() as tmp:
+                    search = sw.optuna_search(
+                        axes,
+                        trials,
+                        cfg.orchestration.slots,
+                        cfg.seed,
+                        Path(tmp) / name,
+                        lambda batch: [objectives(f) for f in launch([fixed + b for b in batch])],
+                    )
+            else:
+                launch(points)
     finally:
         if not keep:
             for work in works:
@@ -392,7 +393,8 @@ def sweep(root: Path, overrides: list[str], name: str | None, trials: int, keep:
             cfgs.append(check_overrides(root, point))
         except PipelineError as e:
             where = f"sweep point {' '.join(label)}: " if label else ""
-            raise type(e)(f"{where}{e}") from None
+            raise type(e)(f"{where}{e}", e.detail) from None
+    start_early(cfgs[0].runtime.cpu_kernels, cfgs[0].runtime.threads)  # the points' fork server
     slots = cfgs[0].orchestration.slots
     what = f"{trials} Optuna trials" if trials else f"{len(points)} points"
     print(f"sweep {name}: {what}, {slots} at a time")
@@ -564,6 +566,18 @@ def check_overrides(root: Path, overrides: list[str]) -> PipelineConfig:
     return cfg
 
 
+def start_fork_server_early(root: Path, cfg: PipelineConfig) -> None:
+    """When stages will surely compute (no dvc.lock yet, or other params), start the fork
+    server now: its imports then overlap the flow's start instead of delaying the first stage.
+    Otherwise the flow starts one if `dvc status` finds work (a warm run starts none)."""
+    try:
+        same = load_params(root / "params.yaml") == cfg
+    except PipelineError:
+        same = False
+    if not same or not (root / "dvc.lock").is_file():
+        start_early(cfg.runtime.cpu_kernels, cfg.runtime.threads)
+
+
 def run(root: Path, overrides: list[str]) -> int:
     """Entry point of `qlora-pipeline run`: validate overrides first, then run the flow.
 
@@ -572,6 +586,7 @@ def run(root: Path, overrides: list[str]) -> int:
     """
     with exclusive(root, "qlora-pipeline run"):
         cfg = check_overrides(root, overrides)
+        start_fork_server_early(root, cfg)
         state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
         return failure(state)
@@ -590,7 +605,9 @@ def retrain(root: Path, overrides: list[str]) -> int:
     is untouched) or 1 (a stage, the commit or the push failed; a promotion is taken back).
     """
     with exclusive(root, "qlora-pipeline retrain"):
-        check_work_tree(root, check_overrides(root, overrides))  # fail fast, before Prefect
+        cfg = check_overrides(root, overrides)
+        check_work_tree(root, cfg)  # fail fast, before Prefect
+        start_fork_server_early(root, cfg)
         state = retrain_flow(str(root), list(overrides), return_state=True)
     if state.is_completed():
         print(state.message)

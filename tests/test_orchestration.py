@@ -22,7 +22,9 @@ TWO_SLOTS = [
     *TINY,
     "seeds=[0]",
     "model.bootstrap.steps=30",  # the flow is under test, not what the model learns
+    "model.bootstrap.corpus_lines=2000",
     "train.max_steps=150",  # long enough for the two arms' runs to overlap
+    "eval.limit=8",
     "train.eval_steps=null",
     "train.save_steps=null",
     "orchestration.slots=2",

@@ -23,14 +23,19 @@ from conftest import TINY, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 
-# A short run whose gate decides on the gain over base only (the flow is under test here, not the
-# tiny model: on n=40 items the other conditions are noise): one seed, short training, margins 1.
+# The whole DAG in seconds of compute, with a gate that every real run passes: the retraining flow
+# is under test here (schedule, freeze, commit, promotion, no-op, rollback), not the tiny model,
+# which learns nothing in 8 steps. A FAIL is forced with min_gain_over_base=0.99.
 FAST = [
     *TINY,
     "seeds=[0]",
-    "train.max_steps=200",
+    "model.bootstrap.steps=30",
+    "model.bootstrap.corpus_lines=2000",
+    "train.max_steps=8",
     "train.eval_steps=null",
     "train.save_steps=null",
+    "eval.limit=8",
+    "report.gate.min_gain_over_base=-1.0",
     "report.gate.max_drop_vs_lora=1.0",
     "report.gate.max_drop_vs_accepted=1.0",
     "report.gate.max_cumulative_drop=1.0",

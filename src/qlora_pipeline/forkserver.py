@@ -19,6 +19,7 @@ process as before.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import json
@@ -241,30 +242,77 @@ def serve(path: str, pinned: str) -> None:
         _reap(children)
 
 
-@contextlib.contextmanager
-def serving(cpu_kernels: str, threads: int, code: str | None = None) -> Iterator[str]:
-    """Start a fork server for the run's pinned kernels; yields its address, the value of
-    $QLORA_PIPELINE_FORKSERVER for the stage commands. Stopped (its socket removed) on exit.
-    `code`: a folder whose `qlora_pipeline` the server imports instead of this one (`reproduce`
-    runs a revision's own code)."""
+_EARLY: dict[tuple[str, str | None], tuple[subprocess.Popen, str]] = {}
+
+
+def _start(pinned: str, code: str | None) -> tuple[subprocess.Popen, str]:
     folder = tempfile.mkdtemp(prefix="qlora-forkserver-")  # short: socket paths are <108 bytes
-    path = os.path.join(folder, "socket")
-    pinned = pins(cpu_kernels, threads)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qlora_pipeline.forkserver", path, pinned],
+        [sys.executable, "-m", "qlora_pipeline.forkserver", os.path.join(folder, "socket"), pinned],
         env={**os.environ, "PYTHONHASHSEED": "0", **({"PYTHONPATH": code} if code else {})},
         stdin=subprocess.DEVNULL,
     )
+    return proc, folder
+
+
+def _stop(proc: subprocess.Popen, folder: str) -> None:
+    proc.terminate()
     try:
-        yield f"{pinned}@{proc.pid}@{path}"
-    finally:
-        proc.terminate()
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def start_early(cpu_kernels: str, threads: int) -> None:
+    """Start the server `serving` will use now, so that its imports (~8 s) overlap the flow's
+    start (Prefect's temporary server, composing, `dvc status`) instead of delaying the first
+    stage. A server no `serving` takes is stopped when this process exits."""
+    key = (pins(cpu_kernels, threads), None)
+    if key not in _EARLY:
+        _EARLY[key] = _start(*key)
+        atexit.register(_stop_unused, key)
+
+
+def _stop_unused(key: tuple[str, str | None]) -> None:
+    if key in _EARLY:
+        _stop(*_EARLY.pop(key))
+
+
+_SHARED: dict[tuple[str, str | None], str] = {}  # addresses of the servers `sharing` holds
+
+
+@contextlib.contextmanager
+def sharing(cpu_kernels: str, threads: int) -> Iterator[None]:
+    """One fork server for every `serving` block inside this one with the same kernels (a
+    sweep's points, side by side in threads: each stage command is its own fork)."""
+    key = (pins(cpu_kernels, threads), None)
+    with serving(cpu_kernels, threads) as address:
+        _SHARED[key] = address
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+            yield
+        finally:
+            del _SHARED[key]
+
+
+@contextlib.contextmanager
+def serving(cpu_kernels: str, threads: int, code: str | None = None) -> Iterator[str]:
+    """Start a fork server for the run's pinned kernels (or take the one `start_early` started,
+    or use the one `sharing` holds); yields its address, the value of $QLORA_PIPELINE_FORKSERVER
+    for the stage commands. Stopped (its socket removed) on exit. `code`: a folder whose
+    `qlora_pipeline` the server imports instead of this one (`reproduce` runs a revision's own
+    code)."""
+    pinned = pins(cpu_kernels, threads)
+    if (pinned, code) in _SHARED:
+        yield _SHARED[(pinned, code)]
+        return
+    early = _EARLY.pop((pinned, code), None)
+    proc, folder = early or _start(pinned, code)
+    try:
+        yield f"{pinned}@{proc.pid}@{os.path.join(folder, 'socket')}"
+    finally:
+        _stop(proc, folder)
 
 
 if __name__ == "__main__":
