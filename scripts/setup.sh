@@ -30,5 +30,9 @@ constraints="$VENV/constraints.txt"
 grep -v '^torch==' "$LOCK" > "$constraints"
 "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$UV_PIN"
 echo "[setup] installing qlora-pipeline and its locked stack into $VENV"
-"$VENV/bin/uv" pip install -q --python "$VENV/bin/python" -c "$constraints" -e ".[dev]"
+# --compile-bytecode: pip writes .pyc files at install time and uv does not; where
+# PYTHONDONTWRITEBYTECODE is set (CI here) nothing writes them later, and every process (each
+# stage, each test's CLI) compiled prefect, dvc, transformers, ... from source again: imports
+# took about twice as long.
+"$VENV/bin/uv" pip install -q --compile-bytecode --python "$VENV/bin/python" -c "$constraints" -e ".[dev]"
 touch "$stamp"
