@@ -44,6 +44,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from qlora_pipeline.modeling.plan import KNOWN  # noqa: E402
+
 VARIANTS = ("pipeline qlora", "pipeline lora", "stock qlora", "stock lora")
 
 CHILD = r"""
@@ -163,16 +166,7 @@ SHAPES = {
         "num_attention_heads": 2,
         "num_key_value_heads": 2,
     },
-    "llama-1b": {  # meta-llama/Llama-3.2-1B
-        "vocab_size": 128256,
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 64,
-        "tie_word_embeddings": True,
-    },
+    "llama-1b": KNOWN["llama-3.2-1b"],
     "llama-8b": {  # meta-llama/Llama-3.1-8B
         "vocab_size": 128256,
         "hidden_size": 4096,

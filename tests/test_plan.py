@@ -13,16 +13,7 @@ from conftest import ROOT, conf_default, copy_project, run_cli
 from qlora_pipeline.modeling.load import attach_lora, load_base
 from qlora_pipeline.modeling.plan import GIB, KNOWN, Recipe, estimate, plan_table, recipe
 
-LLAMA_32_1B = {  # meta-llama/Llama-3.2-1B config.json (the shape fields)
-    "vocab_size": 128256,
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "tie_word_embeddings": True,
-}
+LLAMA_32_1B = KNOWN["llama-3.2-1b"]  # meta-llama/Llama-3.2-1B config.json (the shape fields)
 
 
 # The QLoRA paper's Guanaco recipe (artidoro/qlora scripts/finetune_guanaco_{7,13,33,65}b.sh): NF4 +

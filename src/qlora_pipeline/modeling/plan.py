@@ -308,13 +308,23 @@ def _llama(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str,
     }
 
 
-# The LLaMA (1) shapes of the QLoRA paper's Guanaco recipes, by name: `plan --model llama-65b`
-# works offline. The shape fields of their config.json files.
+# Shapes by name, so that `plan --model llama-65b` works offline: the LLaMA (1) models of the QLoRA
+# paper's Guanaco recipes, and Llama-3.2-1B. The shape fields of their config.json files.
 KNOWN = {
     "llama-7b": _llama(4096, 11008, 32, 32),
     "llama-13b": _llama(5120, 13824, 40, 40),
     "llama-33b": _llama(6656, 17920, 60, 52),
     "llama-65b": _llama(8192, 22016, 80, 64),
+    "llama-3.2-1b": {  # meta-llama/Llama-3.2-1B
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+    },
 }
 
 
