@@ -19,11 +19,9 @@ benchmarks/results/quant.json.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, write_results
 
 
 def main() -> None:
@@ -43,7 +41,6 @@ def main() -> None:
         quant_report,
         variant_name,
     )
-    from qlora_pipeline.tracking.perf import cpu_model
 
     base = ROOT / cfg.paths.base
     if not base.is_dir():
@@ -85,21 +82,15 @@ def main() -> None:
         f"({lora_dtype}) {footprint['lora'] / 2**20:.2f} MB"
     )
     out = ROOT / "benchmarks/results/quant.json"
-    out.write_text(
-        json.dumps(
-            {
-                "command": "benchmarks/bench_quant.py",
-                "machine": cpu_model(),
-                "variants": rows,
-                "footprint_bytes": footprint | {"bf16": bf16},
-                "lora_base_dtype_as_loaded": lora_dtype,
-                "qlora_over_bf16": ratio,
-            },
-            indent=1,
-        )
-        + "\n"
+    write_results(
+        out,
+        {
+            "variants": rows,
+            "footprint_bytes": footprint | {"bf16": bf16},
+            "lora_base_dtype_as_loaded": lora_dtype,
+            "qlora_over_bf16": ratio,
+        },
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

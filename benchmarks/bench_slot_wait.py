@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, write_results
 
 CHILD = r"""
 import json, sys, time
@@ -82,9 +82,6 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from pipelines.flow import SLOT_PAUSE_S
 
-    sys.path.insert(0, str(ROOT / "src"))
-    from qlora_pipeline.tracking.perf import cpu_model
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tasks", type=int, default=8, help="tasks per flow (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="flows per variant (default %(default)s)")
@@ -112,21 +109,10 @@ def main() -> None:
             f"{name:26s}{row['median_s']:10.3f}{row['max_s']:8.2f}"
             f"{row['over_1s']:>9d} of {row['waits']}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {
-                "command": "benchmarks/bench_slot_wait.py " + " ".join(sys.argv[1:]),
-                "machine": cpu_model(),
-                "tasks": args.tasks,
-                "rounds": args.rounds,
-                "variants": rows,
-            },
-            indent=1,
-        )
-        + "\n"
+    write_results(
+        Path(args.out),
+        {"tasks": args.tasks, "rounds": args.rounds, "variants": rows},
     )
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, write_results
+
 sys.path.insert(0, str(ROOT / "src"))
-from qlora_pipeline.modeling.plan import KNOWN  # noqa: E402
+from qlora_pipeline.modeling.plan import KNOWN
 
 VARIANTS = ("pipeline qlora", "pipeline lora", "stock qlora", "stock lora")
 
@@ -229,9 +230,6 @@ def train_flops_per_token(shape: str, r: int) -> float:
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    from qlora_pipeline.tracking.perf import cpu_model
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=150, help="training steps (default %(default)s)")
     p.add_argument(
@@ -330,30 +328,24 @@ def main() -> None:
         f"the stock recipe's, its LoRA at "
         f"{rows['pipeline lora']['tokens_per_s'] / rows['stock lora']['tokens_per_s']:.2f}x"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "command": "benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
-                "machine": gpu or cpu_model(),
-                "steps": args.steps,
-                "rounds": args.rounds,
-                "shape": args.shape
-                and {
-                    "name": args.shape,
-                    "seq_len": args.seq_len,
-                    "batch": args.batch,
-                    "r": args.r,
-                    "checkpointing": args.checkpointing,
-                },
-                "variants": rows,
-                "qlora_over_lora_step_time": ratio,
+    write_results(
+        out,
+        {
+            **({"machine": gpu} if gpu else {}),
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "shape": args.shape
+            and {
+                "name": args.shape,
+                "seq_len": args.seq_len,
+                "batch": args.batch,
+                "r": args.r,
+                "checkpointing": args.checkpointing,
             },
-            indent=1,
-        )
-        + "\n"
+            "variants": rows,
+            "qlora_over_lora_step_time": ratio,
+        },
     )
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

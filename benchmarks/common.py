@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,3 +25,17 @@ def scratch_copy(dst: Path) -> None:
             continue
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, dst / rel)
+
+
+def write_results(out: Path, results: dict) -> None:
+    """`results` as JSON at `out`, after the command that measured them and the machine (this
+    CPU's model unless `results` names another, e.g. the GPU)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from qlora_pipeline.tracking.perf import cpu_model
+
+    command = " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"command": command, "machine": cpu_model(), **results}, indent=1) + "\n"
+    )
+    print(f"wrote {out}")
