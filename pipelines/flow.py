@@ -27,6 +27,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Completed, Failed, State
 from prefect.transactions import get_transaction, transaction
 
+from pipelines import api
 from qlora_pipeline.config.schema import PipelineConfig, PromotionConfig, load_params
 from qlora_pipeline.errors import PipelineError, StageInputError
 from qlora_pipeline.files import read_json
@@ -267,6 +268,7 @@ def reproduce(root: Path, rev: str, keep: bool) -> int:
     work = rp.workspace(root, sha)
     print(f"reproducing {rev} ({sha[:7]}) from nothing in {work}")
     try:
+        api.ready()
         state = reproduce_flow(str(work), return_state=True)
         if state.is_failed():
             return failure(state)
@@ -399,6 +401,7 @@ def sweep(root: Path, overrides: list[str], name: str | None, trials: int, keep:
     what = f"{trials} Optuna trials" if trials else f"{len(points)} points"
     print(f"sweep {name}: {what}, {slots} at a time")
     runner = ThreadPoolTaskRunner(max_workers=slots)  # type: ignore[var-annotated]
+    api.ready()
     state = sweep_flow.with_options(task_runner=runner)(  # type: ignore[arg-type]
         str(root), name, list(overrides), trials, keep, return_state=True
     )
@@ -587,6 +590,7 @@ def run(root: Path, overrides: list[str]) -> int:
     with exclusive(root, "qlora-pipeline run"):
         cfg = check_overrides(root, overrides)
         start_fork_server_early(root, cfg)
+        api.ready()
         state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
         return failure(state)
@@ -608,6 +612,7 @@ def retrain(root: Path, overrides: list[str]) -> int:
         cfg = check_overrides(root, overrides)
         check_work_tree(root, cfg)  # fail fast, before Prefect
         start_fork_server_early(root, cfg)
+        api.ready()
         state = retrain_flow(str(root), list(overrides), return_state=True)
     if state.is_completed():
         print(state.message)

@@ -7,6 +7,7 @@ import re
 import resource
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -219,11 +220,27 @@ def test_saved_adapter_reproduces_the_evaluated_outputs(project):
         assert text == row["filtered_resps"][0]
 
 
+def _task_runs(project):
+    with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
+        return db.execute("SELECT name, state_type FROM task_run").fetchall()
+
+
+def test_the_run_logs_no_error_and_its_server_recorded_every_task_run(project):
+    log = (project / "run.log").read_text()
+    assert "ERROR" not in log and "Traceback" not in log and "View at" not in log
+    runs = _task_runs(project)
+    stages = len(re.findall(r"dvc repro --single-item (\S+)", log))
+    assert stages >= 10 and len(runs) == stages + 2  # compose, the stages, publish
+    assert {state for _, state in runs} == {"COMPLETED"}  # recorded before the server stopped
+    assert (project / ".prefect" / "temporary-server.log").is_file()
+
+
 def test_second_run_is_a_cache_hit(project):
     lock = (project / "dvc.lock").read_text()
     proc = run_cli(project, "-m", "qlora_pipeline", "run", *TINY)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
+    assert "ERROR" not in out and "Traceback" not in out  # the server stopped once it settled
     assert "Running stage" not in out
     # one `dvc status` for the run found every stage up to date: none was handed to DVC
     assert out.count("unchanged since dvc.lock (dvc status), not run") == len(

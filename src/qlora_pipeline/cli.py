@@ -444,19 +444,25 @@ def main(argv: list[str] | None = None) -> int:
                 from pipelines.serve import serve
 
                 return serve(root, args.schedule, args.pool)
-            from pipelines import flow
-
-            if args.command == "reproduce":
-                return flow.reproduce(root, args.rev, args.keep)
             if (
                 args.command == "run"
                 and not args.multirun
                 and (args.trials or args.sweep_name or args.keep)
             ):
                 return fail("--sweep-name, --trials and --keep belong to a sweep: add -m")
-            if args.command == "run" and args.multirun:
-                return flow.sweep(root, args.overrides, args.sweep_name, args.trials, args.keep)
-            return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
+            from pipelines import api
+
+            api.start()  # boots while the flow is imported and the config checked
+            try:
+                from pipelines import flow
+
+                if args.command == "reproduce":
+                    return flow.reproduce(root, args.rev, args.keep)
+                if args.command == "run" and args.multirun:
+                    return flow.sweep(root, args.overrides, args.sweep_name, args.trials, args.keep)
+                return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
+            finally:
+                api.stop()
         if args.command == "compose":
             from qlora_pipeline.tracking.dvc import find_root, pinned_params, write_params
 

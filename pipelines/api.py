@@ -1,0 +1,144 @@
+"""The Prefect API a command's flow runs talk to: the server PREFECT_API_URL names when it is set
+(yours), otherwise a temporary one this command starts (`prefect server start`, its SQLite
+database under PREFECT_HOME) and stops.
+
+Prefect starts a temporary server by itself when no API is set, but only at the flow's first
+call, after importing its whole server application into the command (~3 s of CPU), and its exit
+handler stops it while the server may still be writing the run's last task-run states (a
+`task_run_recorder` "Error flushing 1 events" traceback). Here it starts first thing (`start`),
+booting in its own process while the command imports the flow and checks the config; `ready`
+waits for it before the flow; `stop` hands it the command's pending events and lets it record
+them before it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from qlora_pipeline.errors import PipelineError
+
+LOG_NAME = "temporary-server.log"  # under PREFECT_HOME: what the server said
+TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # Prefect's own setting
+_SERVER: dict[str, Any] = {}  # the one this process started: proc, url, log, since, ready
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start() -> None:
+    """Start a temporary server unless PREFECT_API_URL names one; point PREFECT_API_URL at it.
+    Prefect reads the setting once, when imported: imported already, it is left to Prefect."""
+    if os.environ.get("PREFECT_API_URL") or _SERVER or "prefect" in sys.modules:
+        return
+    home = Path(os.environ["PREFECT_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    log = home / LOG_NAME
+    command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *command, "--no-ui", "--analytics-off", "--no-scheduler"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_UI_URL"] = ""  # no "View at <link>": no UI, and gone after the command
+    _SERVER.update(proc=proc, url=url, log=log, since=datetime.now(timezone.utc), ready=False)
+
+
+def ready() -> None:
+    """Wait until the server `start` started answers (its database migrated).
+
+    Raises:
+        PipelineError: it exited, or did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_
+            TIMEOUT_SECONDS; the line names its log.
+    """
+    if not _SERVER or _SERVER["ready"]:
+        return
+    proc, log = _SERVER["proc"], _SERVER["log"]
+    deadline = time.monotonic() + float(os.environ.get(TIMEOUT_ENV, "90"))
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise PipelineError(
+                f"the temporary Prefect server exited with {proc.returncode} before it answered; "
+                f"its output: {log}"
+            )
+        try:
+            with urllib.request.urlopen(f"{_SERVER['url']}/health", timeout=2):
+                _SERVER["ready"] = True
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.05)
+    raise PipelineError(
+        f"the temporary Prefect server did not answer within {os.environ.get(TIMEOUT_ENV, '90')} "
+        f"s ({TIMEOUT_ENV}); its output: {log}"
+    )
+
+
+def _unrecorded(since: datetime) -> int:
+    """Task runs of the flow runs started since `since` that the server has not yet recorded
+    as finished (their states reach it as events, written by its task-run recorder)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+        TaskRunFilter,
+        TaskRunFilterState,
+        TaskRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    final = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+    unfinished = [t for t in StateType if t not in final]
+    after: Any = since  # pydantic takes a datetime for Prefect's DateTime
+    with get_client(sync_client=True) as client:
+        return len(
+            client.read_task_runs(
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after)),
+                task_run_filter=TaskRunFilter(
+                    state=TaskRunFilterState(type=TaskRunFilterStateType(any_=unfinished))
+                ),
+            )
+        )
+
+
+def stop(settle_s: float = 10.0) -> None:
+    """Stop the server `start` started: first send it this process' pending events and wait
+    (at most `settle_s`) until it has recorded every task run as finished, then end it."""
+    if not _SERVER:
+        return
+    proc = _SERVER["proc"]
+    try:
+        if _SERVER["ready"] and proc.poll() is None and "prefect" in sys.modules:
+            from prefect.events.worker import EventsWorker
+
+            EventsWorker.drain_all(timeout=settle_s)
+            deadline = time.monotonic() + settle_s
+            while _unrecorded(_SERVER["since"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    except Exception as e:  # settling is a courtesy to the server's records, never a failure
+        print(f"note: the temporary Prefect server did not settle: {e}", file=sys.stderr)
+    finally:
+        proc.terminate()  # uvicorn ends gracefully, after its start-up if still booting
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for name in ("PREFECT_API_URL", "PREFECT_UI_URL"):
+            os.environ.pop(name, None)
+        _SERVER.clear()
