@@ -147,6 +147,19 @@ def test_step_metrics_and_eval_loss_are_logged(trained, tiny_cfg):
     }
 
 
+def test_training_shows_a_progress_bar_with_the_loss_not_a_dict_per_step(
+    tiny_cfg, tiny_base, tiny_data, tmp_path, capfd, monkeypatch
+):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    cfg = _cfg(tiny_cfg, tmp_path, max_steps=6, logging_steps=1, eval_steps=3, save_steps=None)
+    train(cfg, "lora", 0, tiny_base, tiny_data, tmp_path / "adapter")
+    out, err = capfd.readouterr()
+    assert "6/6" in err and "loss=" in err  # the bar, with the latest loss beside it
+    assert "'loss'" not in out + err and "'eval_loss'" not in out + err
+    rows = (tmp_path / "adapter/steps.jsonl").read_text().splitlines()
+    assert len(rows) == 6 + 2  # every step and both evals are still logged, to steps.jsonl
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     tiny_cfg, tiny_base, tiny_data, tmp_path
 ):

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer, TrainerCallback
+from transformers import ProgressCallback, Trainer, TrainerCallback
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.runtime import peak_memory_mb
@@ -105,6 +105,15 @@ class StepLog(TrainerCallback):
         loss = row.get("loss")
         if loss is not None and not math.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss} at step {state.global_step}")
+
+
+class LossProgress(ProgressCallback):
+    """transformers' progress bar with the latest loss beside it, instead of a printed dict per
+    logged step (`train.logging_steps` is 1: hundreds of lines a stage; steps.jsonl has them)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
 
 
 def read_steps(path: Path) -> list[dict[str, Any]]:

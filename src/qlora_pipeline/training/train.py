@@ -167,9 +167,11 @@ def train(
     """
     import torch
     from datasets import load_from_disk
+    from transformers import ProgressCallback
 
     from qlora_pipeline.training.checkpoints import (
         CheckpointingTrainer,
+        LossProgress,
         NonFiniteLoss,
         StepLog,
         checkpoints,
@@ -250,6 +252,8 @@ def train(
         callbacks=[StepLog(steps_path)],
         keep_checkpoints=t.keep_checkpoints,
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgress())
     t_train = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
