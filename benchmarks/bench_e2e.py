@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, scratch_copy
+from common import ROOT, scratch_copy, write_results
 
 
 def timed_run(project: Path) -> tuple[float, dict[str, float]]:
@@ -53,9 +53,6 @@ def timed_run(project: Path) -> tuple[float, dict[str, float]]:
 
 
 def main() -> None:
-    sys.path.insert(0, str(ROOT / "src"))
-    from qlora_pipeline.tracking.perf import cpu_model
-
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp)
@@ -84,14 +81,7 @@ def main() -> None:
             f"{r['orchestration_share']:7.0%}{r['stages_run']:8d}"
             f"{'—' if per is None else f'{per:.1f}':>13s}"
         )
-    out = ROOT / "benchmarks/results/e2e.json"
-    out.write_text(
-        json.dumps(
-            {"command": "benchmarks/bench_e2e.py", "machine": cpu_model(), "runs": rows}, indent=1
-        )
-        + "\n"
-    )
-    print(f"wrote {out}")
+    write_results(ROOT / "benchmarks/results/e2e.json", {"runs": rows})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Training speed and memory: the pipeline's QLoRA and LoRA against a stock recipe, side by side.
 
 Four variants, each run in its own process (peak RSS only grows within a process), the variants
-alternating in rounds so the machine's noise hits all of them alike:
+alternating in rounds, every other round in reverse order, so the machine's noise and drift hit
+all of them alike:
 
   pipeline qlora / lora  `qlora_pipeline.training.train.train` as the train stage runs it
                          (our Trainer subclass, collator, step log and probes)
@@ -22,7 +23,7 @@ weights as loaded, adapter, its gradients, optimizer state).
 Needs the base and prepared data of the default run (`make run`, or `dvc repro prepare`). Prints a
 table (medians over rounds) and writes benchmarks/results/train.json.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 150] [--rounds 2]
+    .venv/bin/python benchmarks/bench_train.py [--steps 100] [--rounds 4]
 
 The GPU figures (`make bench-gpu`): `--shape llama-1b` or `llama-8b` trains a real-size
 random-init Llama of that shape on random rows of `--seq-len` tokens (no padding), batch
@@ -41,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from common import ROOT, write_results
@@ -84,7 +86,8 @@ if recipe == "pipeline":
     notes = perf._notes
     item = 2 if m["loaded_dtypes"]["LoRA adapter weights"] == "bfloat16" else 4
     result = {
-        "train_s": notes["train_s"], "tokens": m["tokens"], "steps": m["steps"],
+        "train_s": notes["train_s"], "cpu_s": notes["train_cpu_s"], "tokens": m["tokens"],
+        "steps": m["steps"],
         "tensor_bytes": accounting(m["base_footprint_bytes"], m["trainable_params"], item,
                                    m["optimizer"]),
     }
@@ -106,8 +109,9 @@ else:
             bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     footprint = model.get_memory_footprint()
-    if q:
-        model = prepare_model_for_kbit_training(model)
+    if q:  # its default would turn checkpointing on in this arm only: the config's setting
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     lora = cfg.train.lora
     model = get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -126,10 +130,11 @@ else:
         train_dataset=train_set,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
     result = {
-        "train_s": time.perf_counter() - t0, "tokens": int(trainer.state.num_input_tokens_seen),
+        "train_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+        "tokens": int(trainer.state.num_input_tokens_seen),
         "steps": trainer.state.global_step,
         "tensor_bytes": accounting(footprint, trainable, 4, arm.optimizer),
     }
@@ -231,9 +236,9 @@ def train_flops_per_token(shape: str, r: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=150, help="training steps (default %(default)s)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default %(default)s)")
     p.add_argument(
-        "--rounds", type=int, default=2, help="runs of each variant (default %(default)s)"
+        "--rounds", type=int, default=4, help="runs of each variant (default %(default)s)"
     )
     p.add_argument(
         "--shape",
@@ -271,7 +276,7 @@ def main() -> None:
             }
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for r in range(args.rounds):
-            for v in VARIANTS:
+            for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:  # drift hits all alike
                 runs[v].append(run_variant(v, args.steps, shape))
                 last = runs[v][-1]
                 print(
@@ -285,6 +290,7 @@ def main() -> None:
     for v, rs in runs.items():
         rows[v] = {
             "step_ms": statistics.median(1000 * x["train_s"] / x["steps"] for x in rs),
+            "cpu_step_ms": statistics.median(1000 * x["cpu_s"] / x["steps"] for x in rs),
             "tokens_per_s": statistics.median(x["tokens"] / x["train_s"] for x in rs),
             "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
             "tensor_mb": rs[0]["tensor_bytes"] / 2**20,
@@ -302,32 +308,66 @@ def main() -> None:
             if peak:
                 flops = train_flops_per_token(args.shape, args.r) * rows[v]["tokens_per_s"]
                 rows[v]["mfu"] = flops / (peak * 1e12)
-    ratio = {
-        recipe: rows[f"{recipe} qlora"]["step_ms"] / rows[f"{recipe} lora"]["step_ms"]
-        for recipe in ("pipeline", "stock")
-    }
+
+    # Paired per round (a round runs the four variants back to back): median [min, max], on the
+    # wall clock and on the process' CPU time (all threads), which time stolen by other work on a
+    # shared machine does not inflate.
+    def per_round(f: Callable[[int], float]) -> dict:
+        xs = [f(i) for i in range(args.rounds)]
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+    def compare(clock: str) -> tuple[dict, dict]:
+        def step(v: str, i: int) -> float:
+            return runs[v][i][clock] / runs[v][i]["steps"]
+
+        def speed(v: str, i: int) -> float:
+            return runs[v][i]["tokens"] / runs[v][i][clock]
+
+        ratio = {
+            recipe: per_round(lambda i, r=recipe: step(f"{r} qlora", i) / step(f"{r} lora", i))
+            for recipe in ("pipeline", "stock")
+        }
+        ratio["pipeline_over_stock"] = per_round(
+            lambda i: (
+                (step("pipeline qlora", i) / step("pipeline lora", i))
+                / (step("stock qlora", i) / step("stock lora", i))
+            )
+        )
+        per_token = {
+            m: per_round(lambda i, m=m: speed(f"pipeline {m}", i) / speed(f"stock {m}", i))
+            for m in ("qlora", "lora")
+        }
+        return ratio, per_token
+
+    clocks = {"wall": compare("train_s"), "cpu": compare("cpu_s")}
     header = (
-        f"{'variant':16s}{'ms/step':>9s}{'tokens/s':>10s}{'peak RSS MB':>13s}{'tensors MB':>12s}"
+        f"{'variant':16s}{'ms/step':>9s}{'CPU ms/step':>13s}{'tokens/s':>10s}{'peak RSS MB':>13s}"
+        f"{'tensors MB':>12s}"
     )
     if gpu:
         header += f"{'CUDA peak MB':>14s}{'planned MB':>12s}{'MFU':>7s}"
     print(header)
     for v, row in rows.items():
         line = (
-            f"{v:16s}{row['step_ms']:9.1f}{row['tokens_per_s']:10.0f}"
+            f"{v:16s}{row['step_ms']:9.1f}{row['cpu_step_ms']:13.1f}{row['tokens_per_s']:10.0f}"
             f"{row['peak_rss_mb']:13.0f}{row['tensor_mb']:12.2f}"
         )
         if gpu:
             line += f"{row['cuda_peak_mb']:14.0f}{row.get('planned_mb', float('nan')):12.0f}"
             line += f"{row.get('mfu', float('nan')):7.3f}"
         print(line)
-    print(
-        f"QLoRA/LoRA step time: pipeline {ratio['pipeline']:.2f}, stock {ratio['stock']:.2f} "
-        f"(pipeline/stock ratio {ratio['pipeline'] / ratio['stock']:.2f}); per token the "
-        f"pipeline's QLoRA runs at {rows['pipeline qlora']['tokens_per_s'] / rows['stock qlora']['tokens_per_s']:.2f}x "
-        f"the stock recipe's, its LoRA at "
-        f"{rows['pipeline lora']['tokens_per_s'] / rows['stock lora']['tokens_per_s']:.2f}x"
-    )
+
+    def span(x: dict) -> str:
+        return f"{x['median']:.2f} [{x['min']:.2f}, {x['max']:.2f}]"
+
+    print(f"paired per round, median [min, max] over {args.rounds} rounds:")
+    for clock, (ratio, per_token) in clocks.items():
+        print(
+            f"  {clock:4s} QLoRA/LoRA step time: pipeline {span(ratio['pipeline'])}, stock "
+            f"{span(ratio['stock'])}; pipeline/stock {span(ratio['pipeline_over_stock'])}\n"
+            f"       tokens/s, pipeline/stock: QLoRA {span(per_token['qlora'])}, "
+            f"LoRA {span(per_token['lora'])}"
+        )
     write_results(
         out,
         {
@@ -343,7 +383,14 @@ def main() -> None:
                 "checkpointing": args.checkpointing,
             },
             "variants": rows,
-            "qlora_over_lora_step_time": ratio,
+            **{
+                f"{clock}_{name}": value
+                for clock, (ratio, per_token) in clocks.items()
+                for name, value in (
+                    ("qlora_over_lora_step_time", ratio),
+                    ("pipeline_over_stock_tokens_per_s", per_token),
+                )
+            },
         },
     )
 
