@@ -126,6 +126,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_prefect(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    yield
+    # Stop the temporary server Prefect started for the in-process flows now, while pytest's
+    # output is open: its exit handler would log into a closed stream ("--- Logging error ---").
+    server = sys.modules.get("prefect.server.api.server")
+    if server is not None:
+        server.SubprocessASGIServer().stop()
 
 
 @pytest.fixture(scope="session")
