@@ -70,7 +70,8 @@ def ready() -> None:
     if not _SERVER or _SERVER["ready"]:
         return
     proc, log = _SERVER["proc"], _SERVER["log"]
-    deadline = time.monotonic() + float(os.environ.get(TIMEOUT_ENV, "90"))
+    limit = os.environ.get(TIMEOUT_ENV, "90")
+    deadline = time.monotonic() + float(limit)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise PipelineError(
@@ -84,8 +85,8 @@ def ready() -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.05)
     raise PipelineError(
-        f"the temporary Prefect server did not answer within {os.environ.get(TIMEOUT_ENV, '90')} "
-        f"s ({TIMEOUT_ENV}); its output: {log}"
+        f"the temporary Prefect server did not answer within {limit} s ({TIMEOUT_ENV}); "
+        f"its output: {log}"
     )
 
 
