@@ -129,8 +129,15 @@ def _isolated_prefect(tmp_path_factory):
     yield
     # Stop the temporary server Prefect started for the in-process flows now, while pytest's
     # output is open: its exit handler would log into a closed stream ("--- Logging error ---").
+    # First hand it the logs and events still queued: sent after it stopped, they end the
+    # session with "--- Error logging to API --- All connection attempts failed".
     server = sys.modules.get("prefect.server.api.server")
     if server is not None:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
         server.SubprocessASGIServer().stop()
 
 
