@@ -92,7 +92,7 @@ def test_a_killed_stage_command_takes_its_child_with_it(project):
     assert not (project / "models/base").exists()  # nothing half-written under the final name
 
 
-def test_the_command_runs_itself_when_no_server_can_serve_it(tmp_path, monkeypatch):
+def test_the_command_and_dvc_run_themselves_when_no_server_can_serve_them(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
     params.write_text("runtime: {cpu_kernels: avx2, threads: 2}\n")
     monkeypatch.delenv(ENV, raising=False)
@@ -103,3 +103,53 @@ def test_the_command_runs_itself_when_no_server_can_serve_it(tmp_path, monkeypat
     gone.wait()
     monkeypatch.setenv(ENV, f"avx2/2@{gone.pid}@{tmp_path / 'socket'}")
     assert delegate(["report"], str(params)) is None  # a server that is gone
+    # ... and DVC then runs as a process of its own
+    from qlora_pipeline.forkserver import dvc
+    from qlora_pipeline.tracking.dvc import run_dvc
+
+    env = dict(os.environ)
+    assert dvc(env[ENV], ["--version"], str(tmp_path), env, quiet=True) is None
+    assert run_dvc(tmp_path, ["--version"], env, quiet=True) == 0
+
+
+@pytest.mark.slow
+def test_dvc_runs_in_a_child_of_the_server_as_a_dvc_process_would(project, capfd):
+    import threading
+
+    from qlora_pipeline.forkserver import dvc
+    from qlora_pipeline.tracking.dvc import changed_stages, stage_env
+
+    env = stage_env()
+    env.pop(ENV, None)
+    alone = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    with serving("avx2", 2) as address:
+        server = int(address.split("@")[1])
+        env[ENV] = address  # the stage command DVC runs finds the server too
+        capfd.readouterr()
+        assert dvc(address, ["status"], str(project), env, quiet=False) == alone.returncode
+        assert capfd.readouterr().out == alone.stdout  # what `dvc status` says, on this stdout
+
+        codes: list[int | None] = []
+        argv = ["repro", "--single-item", "bootstrap"]
+        run = threading.Thread(
+            target=lambda: codes.append(dvc(address, argv, str(project), env, True))
+        )
+        run.start()
+        most = 0
+        while run.is_alive():
+            most = max(most, len(_children(server)))
+            time.sleep(0.05)
+        assert codes == [0]
+        assert most == 2  # DVC in one child, the stage command it ran in another
+        assert capfd.readouterr().out == ""  # quiet
+        assert "bootstrap" not in changed_stages(project)  # DVC recorded it in dvc.lock
+        assert json.loads((project / "runs/bootstrap.json").read_text())["forked"] is True
+
+        missing = dvc(address, ["repro", "--single-item", "no-such-stage"], str(project), env, True)
+    assert missing != 0

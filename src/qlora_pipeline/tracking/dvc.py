@@ -106,12 +106,27 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
+def run_dvc(root: Path, argv: list[str], env: dict[str, str], quiet: bool = False) -> int:
+    """`dvc <argv>` in `root`: in a child of the fork server `env` names (DVC imported already),
+    else as a process of its own. Its exit status; `quiet` drops its output."""
+    from qlora_pipeline.forkserver import ENV as FORKSERVER_ENV
+    from qlora_pipeline.forkserver import dvc
+
+    address = env.get(FORKSERVER_ENV)
+    code = dvc(address, argv, str(root), env, quiet) if address else None
+    if code is None:
+        out = subprocess.DEVNULL if quiet else None
+        cmd = [sys.executable, "-m", "dvc", *argv]
+        code = subprocess.run(cmd, cwd=root, env=env, stdout=out, stderr=out).returncode
+    return code
+
+
 def repro(
     root: Path, stage: str, extra_env: dict[str, str] | None = None, force: bool = False
 ) -> None:
     """`dvc repro --single-item <stage>`: runs it if its deps or params changed, else skips it;
     with `force`, runs it anyway and restores nothing from DVC's run cache (`reproduce`).
-    `extra_env` reaches the stage command (the fork server's address).
+    `extra_env` reaches the stage command (the fork server's address, where DVC runs too).
 
     Stages run concurrently in one workspace: DVC releases the repository lock while a command
     runs, but takes it at the start and the end of each stage, and fails at once when another
@@ -123,28 +138,25 @@ def repro(
         StageInputError: the command stopped on a problem the user can fix; its one line.
         PipelineError: it failed otherwise (its traceback is in the output above).
     """
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
+    argv = ["--wait-for-lock", "repro", "--single-item", stage]
     if force:
-        cmd[-1:-1] = ["--force", "--no-run-cache"]
+        argv[-1:-1] = ["--force", "--no-run-cache"]
     tmp = root / ".dvc" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("r", dir=tmp, prefix=f"{stage}.", suffix=".error") as f:
         env = stage_env({**(extra_env or {}), ERROR_FILE_ENV: f.name})
-        proc = subprocess.run(cmd, cwd=root, env=env)
+        code = run_dvc(root, argv, env)
         said = f.read().strip()
-    if proc.returncode != 0:
+    if code != 0:
         # DVC removed the stage's outputs before running it: put back the ones dvc.lock still
         # records (from DVC's cache), so a failed stage loses nothing
-        subprocess.run(
-            [sys.executable, "-m", "dvc", "--wait-for-lock", "checkout", "-q", stage],
-            cwd=root,
-            env=stage_env(),
-            capture_output=True,
+        run_dvc(
+            root, ["--wait-for-lock", "checkout", "-q", stage], stage_env(extra_env), quiet=True
         )
-    if proc.returncode != 0 and said:
+    if code != 0 and said:
         raise StageInputError(f"stage '{stage}': {said}")
-    if proc.returncode != 0:
-        raise PipelineError(f"stage '{stage}' failed (exit {proc.returncode}); its output is above")
+    if code != 0:
+        raise PipelineError(f"stage '{stage}' failed (exit {code}); its output is above")
 
 
 def freeze_test(root: Path, cfg: PipelineConfig, reset: bool = False) -> tuple[Path, int]:
