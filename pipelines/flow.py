@@ -28,12 +28,12 @@ from prefect.states import Completed, Failed, State
 from prefect.transactions import get_transaction, transaction
 
 from pipelines import api
+from pipelines.checks import check_overrides
 from qlora_pipeline.config.schema import PipelineConfig, PromotionConfig, load_params
 from qlora_pipeline.errors import PipelineError, StageInputError
 from qlora_pipeline.files import read_json
 from qlora_pipeline.forkserver import ENV as FORKSERVER_ENV
 from qlora_pipeline.forkserver import serving, sharing, start_early
-from qlora_pipeline.modeling.plan import preflight
 from qlora_pipeline.reporting.document import score_rows
 from qlora_pipeline.reporting.gate import read_verdict
 from qlora_pipeline.reporting.report import write_documents
@@ -48,7 +48,6 @@ from qlora_pipeline.tracking.dvc import (
 )
 from qlora_pipeline.tracking.perf import config_hash
 from qlora_pipeline.tracking.registry import git
-from qlora_pipeline.tracking.revisions import pinning_overrides
 from qlora_pipeline.tracking.runlock import exclusive
 
 
@@ -143,20 +142,31 @@ def set_slots(name: str, slots: int) -> None:
 
 
 def run_graph(
-    order: list[tuple[str, list[str]]], submit: Callable[[str, list[PrefectFuture]], PrefectFuture]
+    order: list[tuple[str, list[str]]],
+    submit: Callable[[str, list[PrefectFuture]], PrefectFuture],
+    slots: int,
+    heavy: set[str],
 ) -> State | None:
     """Submit each stage of `order` (name, upstream names) once its upstream stages completed,
-    so independent ones run side by side; after a failure, submit nothing more and let the
-    running ones finish. The first failed state, or None when every stage completed."""
+    so independent ones run side by side, at most `slots` of the `heavy` ones at a time (in
+    `order`'s order); after a failure, submit nothing more and let the running ones finish. The
+    first failed state, or None when every stage completed.
+
+    A heavy stage is only submitted when a slot of the concurrency limit is free for it: one
+    submitted earlier would wait for it, asking the server again only after the Retry-After it
+    is told (about the limit's average occupancy, up to 30 s), and start that late."""
     waiting = dict(order)
     running: dict[str, PrefectFuture] = {}
     done: dict[str, PrefectFuture] = {}
     failed: State | None = None
     while waiting or running:
         for name, upstream in list(waiting.items()):
-            if failed is None and all(u in done for u in upstream):
-                running[name] = submit(name, [done[u] for u in upstream])
-                del waiting[name]
+            if failed is not None or not all(u in done for u in upstream):
+                continue
+            if name in heavy and len(heavy.intersection(running)) >= slots:
+                continue
+            running[name] = submit(name, [done[u] for u in upstream])
+            del waiting[name]
         if not running:
             break
         future = next(as_completed(list(running.values())))
@@ -227,6 +237,8 @@ def run_stages(root: str, force: bool = False) -> str | State:
                 return_state=False,
                 wait_for=upstream,
             ),
+            o.slots,
+            stale,
         )
     if failed is not None:  # a state of its own: a task run's state would be summarized away
         return Failed(name=failed.name, message=failed.message)
@@ -560,36 +572,13 @@ def failure(state: State) -> int:
     return 1
 
 
-def check_overrides(root: Path, overrides: list[str]) -> PipelineConfig:
-    _, cfg = compose(root, overrides)  # fail fast, before Prefect starts, on a bad override
-    pinning_overrides(cfg)  # ... or on a hub revision that cannot be pinned to a commit
-    refused = preflight(cfg)  # ... or on a config that cannot fit the GPU
-    if refused is not None:
-        raise PipelineError(*refused)
-    return cfg
-
-
-def start_fork_server_early(root: Path, cfg: PipelineConfig) -> None:
-    """When stages will surely compute (no dvc.lock yet, or other params), start the fork
-    server now: its imports then overlap the flow's start instead of delaying the first stage.
-    Otherwise the flow starts one if `dvc status` finds work (a warm run starts none)."""
-    try:
-        same = load_params(root / "params.yaml") == cfg
-    except PipelineError:
-        same = False
-    if not same or not (root / "dvc.lock").is_file():
-        start_early(cfg.runtime.cpu_kernels, cfg.runtime.threads)
-
-
-def run(root: Path, overrides: list[str]) -> int:
-    """Entry point of `qlora-pipeline run`: validate overrides first, then run the flow.
+def run(root: Path, overrides: list[str], cfg: PipelineConfig) -> int:
+    """Entry point of `qlora-pipeline run`, once `checks.prelaunch` checked the overrides (`cfg`).
 
     Returns 0, 1 when a stage failed, or 3 when the quality gate says FAIL and
     `report.gate.enforce` is on (the report is written either way).
     """
     with exclusive(root, "qlora-pipeline run"):
-        cfg = check_overrides(root, overrides)
-        start_fork_server_early(root, cfg)
         api.ready()
         state = pipeline_flow(str(root), list(overrides), return_state=True)
     if state.is_failed():
@@ -601,7 +590,7 @@ def run(root: Path, overrides: list[str]) -> int:
     return 0
 
 
-def retrain(root: Path, overrides: list[str]) -> int:
+def retrain(root: Path, overrides: list[str], cfg: PipelineConfig) -> int:
     """Entry point of `qlora-pipeline retrain`: refuse a dirty work tree or the wrong branch,
     then run the retraining flow.
 
@@ -609,9 +598,7 @@ def retrain(root: Path, overrides: list[str]) -> int:
     is untouched) or 1 (a stage, the commit or the push failed; a promotion is taken back).
     """
     with exclusive(root, "qlora-pipeline retrain"):
-        cfg = check_overrides(root, overrides)
-        check_work_tree(root, cfg)  # fail fast, before Prefect
-        start_fork_server_early(root, cfg)
+        check_work_tree(root, cfg)  # fail fast, before Prefect's flow
         api.ready()
         state = retrain_flow(str(root), list(overrides), return_state=True)
     if state.is_completed():

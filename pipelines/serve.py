@@ -60,7 +60,8 @@ def serve(root: Path, schedule: str, pool: str | None) -> int:
     from prefect import Flow
     from prefect.schedules import Cron
 
-    from pipelines.flow import check_overrides, retrain_flow
+    from pipelines.checks import check_overrides
+    from pipelines.flow import retrain_flow
 
     cfg = load_schedule(root, schedule)
     check_overrides(root, cfg.overrides)  # a bad override fails now, not at 3 a.m.

@@ -452,15 +452,23 @@ def main(argv: list[str] | None = None) -> int:
                 return fail("--sweep-name, --trials and --keep belong to a sweep: add -m")
             from pipelines import api
 
-            api.start()  # boots while the flow is imported and the config checked
+            api.start()  # boots while the config is checked and the flow imported
             try:
-                from pipelines import flow
-
                 if args.command == "reproduce":
+                    from pipelines import flow
+
                     return flow.reproduce(root, args.rev, args.keep)
                 if args.command == "run" and args.multirun:
+                    from pipelines import flow
+
                     return flow.sweep(root, args.overrides, args.sweep_name, args.trials, args.keep)
-                return (flow.run if args.command == "run" else flow.retrain)(root, args.overrides)
+                from pipelines.checks import prelaunch
+
+                cfg = prelaunch(root, args.overrides)  # before Prefect is imported
+                from pipelines import flow
+
+                entry = flow.run if args.command == "run" else flow.retrain
+                return entry(root, args.overrides, cfg)
             finally:
                 api.stop()
         if args.command == "compose":
