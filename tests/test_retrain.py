@@ -291,8 +291,15 @@ def test_a_worker_on_a_process_pool_runs_the_deployment(project, server):
             manifest = json.loads((project / "data/prepared/manifest.json").read_text())
             assert manifest["counts"]["train"]["read"] == 2200
         finally:
+            # `prefect worker start` passes SIGTERM on to its worker as SIGINT; under a full CI
+            # load that worker once outlived it by over a minute (after both runs completed,
+            # as asserted above): its shutdown is Prefect's, so a kill ends it then
             worker.terminate()
-            worker.wait(timeout=60)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
 
 
 def test_retraining_from_the_cli_fails_the_gate_rolls_back_and_refuses(project):
