@@ -454,19 +454,17 @@ def main(argv: list[str] | None = None) -> int:
 
             api.start()  # boots while the config is checked and the flow imported
             try:
-                if args.command == "reproduce":
-                    from pipelines import flow
+                sweep = args.command == "run" and args.multirun
+                if args.command in ("run", "retrain") and not sweep:
+                    from pipelines.checks import prelaunch
 
-                    return flow.reproduce(root, args.rev, args.keep)
-                if args.command == "run" and args.multirun:
-                    from pipelines import flow
-
-                    return flow.sweep(root, args.overrides, args.sweep_name, args.trials, args.keep)
-                from pipelines.checks import prelaunch
-
-                cfg = prelaunch(root, args.overrides)  # before Prefect is imported
+                    cfg = prelaunch(root, args.overrides)  # before Prefect is imported
                 from pipelines import flow
 
+                if args.command == "reproduce":
+                    return flow.reproduce(root, args.rev, args.keep)
+                if sweep:
+                    return flow.sweep(root, args.overrides, args.sweep_name, args.trials, args.keep)
                 entry = flow.run if args.command == "run" else flow.retrain
                 return entry(root, args.overrides, cfg)
             finally:

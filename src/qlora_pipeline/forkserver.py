@@ -142,9 +142,8 @@ def dvc(address: str, argv: list[str], cwd: str, env: dict[str, str], quiet: boo
         DVC's exit status, or None when the server is gone (run `dvc` as a process then).
     """
     with open(os.devnull, "r+b") as null:
-        out = null.fileno() if quiet else None
-        fds = [null.fileno(), out or 1, out or 2]
-        return _call(address, "dvc", argv, cwd, env, fds)
+        out, err = (null.fileno(), null.fileno()) if quiet else (1, 2)
+        return _call(address, "dvc", argv, cwd, env, [null.fileno(), out, err])
 
 
 def _call(
