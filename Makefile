@@ -48,8 +48,8 @@ bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes r
 	$(BIN)/python benchmarks/bench_train.py
 
 bench-gpu: run ## on a GPU: real-size random-init Llama 1B and 8B, 50 steps of 2048 tokens, vs stock
-	$(BIN)/python benchmarks/bench_train.py --shape llama-1b --steps 50 --rounds 1
-	$(BIN)/python benchmarks/bench_train.py --shape llama-8b --steps 50 --rounds 1
+	$(BIN)/python benchmarks/bench_train.py --shape llama-1b --steps 50
+	$(BIN)/python benchmarks/bench_train.py --shape llama-8b --steps 50
 
 bench-quant: run ## measured bits per parameter of 4-bit weights vs 4.127 / 4.5, footprint vs bf16
 	$(BIN)/python benchmarks/bench_quant.py

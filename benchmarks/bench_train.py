@@ -1,8 +1,11 @@
 """Training speed and memory: the pipeline's QLoRA and LoRA against a stock recipe, side by side.
 
-Four variants, each run in its own process (peak RSS only grows within a process), the variants
-alternating in rounds, every other round in reverse order, so the machine's noise and drift hit
-all of them alike:
+Four variants, each in its own process (peak RSS only grows within a process). The four live side
+by side but only one trains at a time: it holds a baton, passed round by this script every
+`--block` steps (cycles, every other one in reverse order), and a block's time counts only while
+its variant holds it. So this machine's drift in speed, which moves one variant's step time by up
+to 25% within minutes, hits all four alike block by block, and the ratios are taken per cycle,
+paired, with bootstrap intervals over the cycles (the first cycle, warm-up, left out):
 
   pipeline qlora / lora  `qlora_pipeline.training.train.train` as the train stage runs it
                          (our Trainer subclass, collator, step log and probes)
@@ -21,45 +24,49 @@ Memory: peak RSS of the variant's process, and the tensors of the training by ac
 weights as loaded, adapter, its gradients, optimizer state).
 
 Needs the base and prepared data of the default run (`make run`, or `dvc repro prepare`). Prints a
-table (medians over rounds) and writes benchmarks/results/train.json.
+table (totals over the timed blocks, paired ratios with intervals) and writes
+benchmarks/results/train.json.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 100] [--rounds 4]
+    .venv/bin/python benchmarks/bench_train.py [--steps 300] [--block 10]
 
 The GPU figures (`make bench-gpu`): `--shape llama-1b` or `llama-8b` trains a real-size
 random-init Llama of that shape on random rows of `--seq-len` tokens (no padding), batch
 `--batch`, rank `--r`, gradient checkpointing on; each variant's CUDA peak
-(`torch.cuda.max_memory_allocated`, a fresh process each) is printed beside the memory planner's
+(`torch.cuda.max_memory_allocated`, a process each) is printed beside the memory planner's
 worst case for the same recipe, with the MFU (frozen base: 4 x params FLOPs per token, plus
-6 x adapter params). `--shape tiny --steps 2 --rounds 1` smoke-tests that path on a CPU.
+6 x adapter params). `--shape tiny --steps 4 --block 2` smoke-tests that path on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
+import numpy as np
 from common import ROOT, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 from qlora_pipeline.modeling.plan import KNOWN
+from qlora_pipeline.reporting.stats import paired_difference
 
 VARIANTS = ("pipeline qlora", "pipeline lora", "stock qlora", "stock lora")
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 from pathlib import Path
 from qlora_pipeline.config.schema import load_params
 from qlora_pipeline.runtime import pin_cpu
 
 recipe, method, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 shape = json.loads(sys.argv[5])  # {} for the pipeline's own base and data
+block, go, done = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])  # the baton's pipes
 cfg = load_params("params.yaml")
 pin_cpu(cfg.runtime.cpu_kernels, cfg.runtime.threads)
 cfg.train.max_steps, cfg.train.eval_steps, cfg.train.save_steps = steps, None, None
@@ -79,15 +86,53 @@ if cuda:
 def accounting(footprint, trainable, item, optimizer):
     return footprint + trainable * (2 * item + OPTIMIZER_BYTES[optimizer])
 
+import transformers  # noqa: E402
+
+class Baton(transformers.TrainerCallback):
+    # Train only while holding the baton; every `block` steps hand it back with the block's
+    # wall and CPU time, steps and non-padding tokens (the last callback, after all others).
+
+    def take(self, state):
+        if not os.read(go, 1):
+            sys.exit("the benchmark went away")
+        time.sleep(0.05)  # the last holder's idle OpenMP threads stop spinning
+        self.t, self.c = time.perf_counter(), time.process_time()
+        self.step, self.tokens = state.global_step, state.num_input_tokens_seen
+
+    def give(self, state, end=False):
+        if cuda:
+            torch.cuda.synchronize()
+        os.write(done, (json.dumps({
+            "wall": time.perf_counter() - self.t, "cpu": time.process_time() - self.c,
+            "steps": state.global_step - self.step,
+            "tokens": int(state.num_input_tokens_seen - self.tokens), "end": end,
+        }) + "\n").encode())
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.take(state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        end = state.global_step >= state.max_steps
+        if end or state.global_step % block == 0:
+            self.give(state, end)
+            if end:  # the rest (saving, exit) waits until every variant has trained
+                os.read(go, 1)
+            else:
+                self.take(state)
+
+_train = transformers.Trainer.train
+
+def train_with_baton(self, *args, **kwargs):  # the same hook into both recipes' Trainer
+    self.add_callback(Baton())
+    return _train(self, *args, **kwargs)
+
+transformers.Trainer.train = train_with_baton
+
 if recipe == "pipeline":
-    from qlora_pipeline.tracking import perf
     from qlora_pipeline.training.train import train
     m = train(cfg, method, seed, base, data, out / "adapter", out / "checkpoints")
-    notes = perf._notes
     item = 2 if m["loaded_dtypes"]["LoRA adapter weights"] == "bfloat16" else 4
     result = {
-        "train_s": notes["train_s"], "cpu_s": notes["train_cpu_s"], "tokens": m["tokens"],
-        "steps": m["steps"],
         "tensor_bytes": accounting(m["base_footprint_bytes"], m["trainable_params"], item,
                                    m["optimizer"]),
     }
@@ -130,35 +175,89 @@ else:
         train_dataset=train_set,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
     )
-    t0, c0 = time.perf_counter(), time.process_time()
     trainer.train()
-    result = {
-        "train_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-        "tokens": int(trainer.state.num_input_tokens_seen),
-        "steps": trainer.state.global_step,
-        "tensor_bytes": accounting(footprint, trainable, 4, arm.optimizer),
-    }
+    result = {"tensor_bytes": accounting(footprint, trainable, 4, arm.optimizer)}
 result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
 print("RESULT " + json.dumps(result))
 """
 
 
-def run_variant(variant: str, steps: int, shape: dict) -> dict:
-    recipe, method = variant.split()
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONHASHSEED": "0", "TQDM_DISABLE": "1"}
-        proc = subprocess.run(
-            [sys.executable, "-c", CHILD, recipe, method, str(steps), tmp, json.dumps(shape)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"{variant}: failed\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+class Variant:
+    """One variant's process: it loads, then trains a block of steps each time it is handed the
+    baton (`run_block`), and reports the block."""
+
+    def __init__(self, name: str, steps: int, block: int, shape: dict, work: Path) -> None:
+        recipe, method = name.split()
+        self.name, self.blocks, self.ended = name, [], False
+        self.dir = work / name.replace(" ", "-")
+        self.dir.mkdir()
+        go_read, self.go = os.pipe()
+        done, done_write = os.pipe()
+        self.reports = os.fdopen(done)
+        with open(self.dir / "stdout", "w") as stdout, open(self.dir / "stderr", "w") as stderr:
+            self.proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-c", CHILD, recipe, method, str(steps), str(self.dir)),
+                    *(json.dumps(shape), str(block), str(go_read), str(done_write)),
+                ],
+                cwd=ROOT,
+                env={**os.environ, "PYTHONHASHSEED": "0", "TQDM_DISABLE": "1"},
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(go_read, done_write),
+            )
+        os.close(go_read)
+        os.close(done_write)
+
+    def fail(self) -> NoReturn:
+        self.proc.wait()
+        sys.exit(f"{self.name}: failed\n{(self.dir / 'stderr').read_text()[-3000:]}")
+
+    def run_block(self) -> dict:
+        try:
+            os.write(self.go, b"g")
+        except BrokenPipeError:
+            self.fail()
+        line = self.reports.readline()
+        if not line:
+            self.fail()
+        self.blocks.append(json.loads(line))
+        self.ended = self.blocks[-1]["end"]
+        return self.blocks[-1]
+
+    def result(self) -> dict:
+        if self.proc.wait() != 0:
+            self.fail()
+        lines = (self.dir / "stdout").read_text().splitlines()
+        return json.loads(next(x for x in reversed(lines) if x.startswith("RESULT "))[7:])
+
+
+def race(steps: int, block: int, shape: dict, work: Path) -> dict[str, dict]:
+    """The four variants side by side, passing the baton round every `block` steps, every other
+    cycle in reverse order; each variant's blocks and its process' result."""
+    variants = [Variant(v, steps, block, shape, work) for v in VARIANTS]
+    try:
+        cycle = 0
+        while not all(v.ended for v in variants):
+            timed = [(v.name, v.run_block()) for v in (variants[:: -1 if cycle % 2 else 1])]
+            cycle += 1
+            print(
+                f"cycle {cycle:3d} ms/step: "
+                + ", ".join(f"{n} {1000 * b['wall'] / b['steps']:.1f}" for n, b in sorted(timed))
+            )
+        for v in variants:  # the release: each saves and exits
+            os.write(v.go, b"g")
+        return {v.name: {**v.result(), "blocks": v.blocks} for v in variants}
+    finally:
+        for v in variants:
+            v.proc.kill()
+
+
+def paired_ratio(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """The geometric mean of a/b over paired cycles, with a 95% paired-bootstrap interval."""
+    d = paired_difference(np.log(a), np.log(b))
+    return {k: math.exp(v) for k, v in d.items()} | {"cycles": len(a)}
 
 
 # Real-size random-init Llama shapes for the GPU figures (config.json fields); `tiny` smoke-tests
@@ -236,9 +335,12 @@ def train_flops_per_token(shape: str, r: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=100, help="training steps (default %(default)s)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
     p.add_argument(
-        "--rounds", type=int, default=4, help="runs of each variant (default %(default)s)"
+        "--block",
+        type=int,
+        default=10,
+        help="steps a variant trains each time it holds the baton (default %(default)s)",
     )
     p.add_argument(
         "--shape",
@@ -274,28 +376,27 @@ def main() -> None:
                 "r": args.r,
                 "checkpointing": args.checkpointing,
             }
-        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-        for r in range(args.rounds):
-            for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:  # drift hits all alike
-                runs[v].append(run_variant(v, args.steps, shape))
-                last = runs[v][-1]
-                print(
-                    f"round {r + 1} {v:15s} {1000 * last['train_s'] / last['steps']:7.1f} ms/step"
-                )
+        runs = race(args.steps, args.block, shape, Path(work))
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
+    cycles = len(runs[VARIANTS[0]]["blocks"])
+    timed = slice(1 if cycles > 1 else 0, None)  # the first cycle warms up
+
+    def total(v: str, key: str) -> float:
+        return sum(b[key] for b in runs[v]["blocks"][timed])
+
     rows = {}
-    for v, rs in runs.items():
+    for v, run in runs.items():
         rows[v] = {
-            "step_ms": statistics.median(1000 * x["train_s"] / x["steps"] for x in rs),
-            "cpu_step_ms": statistics.median(1000 * x["cpu_s"] / x["steps"] for x in rs),
-            "tokens_per_s": statistics.median(x["tokens"] / x["train_s"] for x in rs),
-            "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
-            "tensor_mb": rs[0]["tensor_bytes"] / 2**20,
-            "cuda_peak_mb": rs[0]["cuda_peak_mb"],
-            "runs": rs,
+            "step_ms": 1000 * total(v, "wall") / total(v, "steps"),
+            "cpu_step_ms": 1000 * total(v, "cpu") / total(v, "steps"),
+            "tokens_per_s": total(v, "tokens") / total(v, "wall"),
+            "peak_rss_mb": run["peak_rss_mb"],
+            "tensor_mb": run["tensor_bytes"] / 2**20,
+            "cuda_peak_mb": run["cuda_peak_mb"],
+            "blocks": run["blocks"],
         }
         if args.shape:
             method = v.split()[1]
@@ -309,37 +410,27 @@ def main() -> None:
                 flops = train_flops_per_token(args.shape, args.r) * rows[v]["tokens_per_s"]
                 rows[v]["mfu"] = flops / (peak * 1e12)
 
-    # Paired per round (a round runs the four variants back to back): median [min, max], on the
-    # wall clock and on the process' CPU time (all threads), which time stolen by other work on a
-    # shared machine does not inflate.
-    def per_round(f: Callable[[int], float]) -> dict:
-        xs = [f(i) for i in range(args.rounds)]
-        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
-
+    # Paired per cycle (a cycle runs a block of each variant back to back), on the wall clock and
+    # on the process' CPU time (all threads), which time stolen by other work does not inflate.
     def compare(clock: str) -> tuple[dict, dict]:
-        def step(v: str, i: int) -> float:
-            return runs[v][i][clock] / runs[v][i]["steps"]
+        def step(v: str) -> np.ndarray:
+            return np.array([b[clock] / b["steps"] for b in runs[v]["blocks"][timed]])
 
-        def speed(v: str, i: int) -> float:
-            return runs[v][i]["tokens"] / runs[v][i][clock]
+        def speed(v: str) -> np.ndarray:
+            return np.array([b["tokens"] / b[clock] for b in runs[v]["blocks"][timed]])
 
         ratio = {
-            recipe: per_round(lambda i, r=recipe: step(f"{r} qlora", i) / step(f"{r} lora", i))
-            for recipe in ("pipeline", "stock")
+            r: paired_ratio(step(f"{r} qlora"), step(f"{r} lora")) for r in ("pipeline", "stock")
         }
-        ratio["pipeline_over_stock"] = per_round(
-            lambda i: (
-                (step("pipeline qlora", i) / step("pipeline lora", i))
-                / (step("stock qlora", i) / step("stock lora", i))
-            )
+        ratio["pipeline_over_stock"] = paired_ratio(
+            step("pipeline qlora") / step("pipeline lora"), step("stock qlora") / step("stock lora")
         )
         per_token = {
-            m: per_round(lambda i, m=m: speed(f"pipeline {m}", i) / speed(f"stock {m}", i))
-            for m in ("qlora", "lora")
+            m: paired_ratio(speed(f"pipeline {m}"), speed(f"stock {m}")) for m in ("qlora", "lora")
         }
         return ratio, per_token
 
-    clocks = {"wall": compare("train_s"), "cpu": compare("cpu_s")}
+    clocks = {"wall": compare("wall"), "cpu": compare("cpu")}
     header = (
         f"{'variant':16s}{'ms/step':>9s}{'CPU ms/step':>13s}{'tokens/s':>10s}{'peak RSS MB':>13s}"
         f"{'tensors MB':>12s}"
@@ -358,9 +449,10 @@ def main() -> None:
         print(line)
 
     def span(x: dict) -> str:
-        return f"{x['median']:.2f} [{x['min']:.2f}, {x['max']:.2f}]"
+        return f"{x['estimate']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}]"
 
-    print(f"paired per round, median [min, max] over {args.rounds} rounds:")
+    n = clocks["wall"][0]["pipeline"]["cycles"]
+    print(f"paired per cycle of {args.block} steps: geometric mean [95% interval] over {n} cycles")
     for clock, (ratio, per_token) in clocks.items():
         print(
             f"  {clock:4s} QLoRA/LoRA step time: pipeline {span(ratio['pipeline'])}, stock "
@@ -373,7 +465,7 @@ def main() -> None:
         {
             **({"machine": gpu} if gpu else {}),
             "steps": args.steps,
-            "rounds": args.rounds,
+            "block": args.block,
             "shape": args.shape
             and {
                 "name": args.shape,
