@@ -228,6 +228,9 @@ def _task_runs(project):
 def test_the_run_logs_no_error_and_its_server_recorded_every_task_run(project):
     log = (project / "run.log").read_text()
     assert "ERROR" not in log and "Traceback" not in log and "View at" not in log
+    # no library's FutureWarning/UserWarning, per-log dict or notice about how we call it
+    assert re.findall(r"\w+Warning: .*", log) == []
+    assert "{'loss'" not in log and "kwarg is not of type" not in log
     runs = _task_runs(project)
     stages = len(re.findall(r"dvc repro --single-item (\S+)", log))
     assert stages >= 10 and len(runs) == stages + 2  # compose, the stages, publish

@@ -62,6 +62,17 @@ def setup_logging(level: int = logging.INFO) -> None:
     # bitsandbytes tries a hub kernel for the CPU 4-bit gemm on import and falls back; no hub here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    # The train stage says it itself, naming the stage and what runs instead.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    # peft reads transformers' deprecated alias; nothing of ours to change.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    # lm-eval warns whenever it is handed a loaded model, which is how evaluate calls it.
+    logging.getLogger("lm_eval.models.huggingface").addFilter(_loaded_model_notice)
+
+
+def _loaded_model_notice(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not message.startswith(("`pretrained` model kwarg is not", "Passed an already-init"))
 
 
 def pin_cpu(cpu_kernels: str, threads: int) -> None:

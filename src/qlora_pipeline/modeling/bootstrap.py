@@ -151,7 +151,9 @@ def bootstrap(model_cfg: ModelConfig, seed: int, out_dir: str | Path) -> dict:
 
     import torch
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import ProgressCallback, Trainer, TrainingArguments, default_data_collator
+
+    from qlora_pipeline.training.checkpoints import LossProgress
 
     cfg = model_cfg.bootstrap
     assert cfg is not None
@@ -201,6 +203,8 @@ def bootstrap(model_cfg: ModelConfig, seed: int, out_dir: str | Path) -> dict:
         trainer = Trainer(
             model=model, args=args, train_dataset=dataset, data_collator=default_data_collator
         )
+        trainer.remove_callback(ProgressCallback)  # a bar with the loss, not a dict per log
+        trainer.add_callback(LossProgress())
         result = trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)

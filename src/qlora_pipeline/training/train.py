@@ -56,8 +56,8 @@ def training_arguments(cfg: PipelineConfig, method_name: str, seed: int, output_
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=method.optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name for it
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=compute == "bfloat16",
         fp16=compute == "float16",
         use_cpu=not torch.cuda.is_available(),
