@@ -275,6 +275,25 @@ def test_export_merges_within_tolerance_and_loads_without_peft(
     )
 
 
+@pytest.mark.parametrize("which", ["base", "qlora_on_bf16", "merged"])
+def test_every_model_evaluation_loads_sits_where_training_ran(
+    trained, tiny_cfg, tiny_base, tiny_data, tmp_path, which
+):
+    """On a GPU machine a model left on the CPU would be evaluated there (lm-eval feeds inputs to
+    the model's device): the merged export was, before `placement()` was used for it."""
+    from qlora_pipeline.evaluation.evaluate import load_for_eval
+    from qlora_pipeline.modeling import export as export_mod
+    from qlora_pipeline.modeling.device import device
+
+    exports = tmp_path / "exports"
+    if which == "merged":
+        adapter = adapter_dir(tiny_cfg, "qlora")
+        export_mod.export(tiny_cfg, "qlora", tiny_base, adapter, tiny_data, exports / "qlora")
+    adapters = Path(tiny_cfg.paths.adapters)
+    model = load_for_eval(tiny_cfg, which, tiny_base, adapters, exports)
+    assert {p.device.type for p in model.parameters()} == {device()}
+
+
 @pytest.mark.gpu
 def test_logits_of_models_on_two_devices_are_compared_on_one(tiny_base, tiny_data, tiny_tokenizer):
     """The export compares the 4-bit model, the unmerged and the saved merged model: on a GPU

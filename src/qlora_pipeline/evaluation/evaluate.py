@@ -24,7 +24,7 @@ from qlora_pipeline.files import (
     sha256_text,
     write_json,
 )
-from qlora_pipeline.modeling.device import device
+from qlora_pipeline.modeling.device import device, placement
 from qlora_pipeline.modeling.load import (
     attach_saved,
     compute_dtype,
@@ -128,6 +128,7 @@ def load_for_eval(
             str(path),
             dtype=torch_dtype(compute_dtype(cfg.methods["lora"].base_dtype)),
             use_safetensors=True,
+            **placement(),
         ).eval()
     shipped = seed_dir(adapters_dir / "qlora", cfg.seeds[0])
     return load_adapted(base_dir, cfg.methods["lora"], shipped, trust)

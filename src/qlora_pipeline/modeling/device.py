@@ -14,10 +14,15 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def placement() -> dict[str, Any]:
-    """`from_pretrained` arguments that load a model onto `device()` (4-bit ones included:
-    bitsandbytes quantizes while placing)."""
-    return {"device_map": {"": device()}}
+def placement(quantized: bool = False) -> dict[str, Any]:
+    """`from_pretrained` arguments that load a model onto `device()`. A 4-bit model gets a device
+    map everywhere (bitsandbytes quantizes while placing). An unquantized one gets one only on a
+    GPU: on a CPU it loads there anyway, and loaded through a device map a LoRA arm trained about
+    9% slower a step than the stock recipe, the same model and calls (benchmarks/RESULTS.md,
+    bench_train)."""
+    if quantized or device() != "cpu":
+        return {"device_map": {"": device()}}
+    return {}
 
 
 def inputs_for(model: Any, batch: dict[str, Any]) -> dict[str, Any]:

@@ -128,11 +128,8 @@ def load_base(base_dir: str | Path, method: MethodConfig, trust_remote_code: boo
     if fsdp_active():  # FSDP places the shards; every tensor must have the storage dtype
         if method.quantization is not None:
             kwargs["dtype"] = torch_dtype(method.quantization.quant_storage)
-    elif method.quantization is not None or torch.cuda.is_available():
-        kwargs.update(placement())
-    # else a CPU, where an unquantized model loads anyway: loaded through a device map, that arm
-    # trained about 9% slower a step there than the stock recipe, the same model and calls
-    # (benchmarks/RESULTS.md, bench_train)
+    else:
+        kwargs.update(placement(quantized=method.quantization is not None))
     model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if portable():
         return pin_bnb_kernels(model)
