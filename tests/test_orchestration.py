@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import TINY, copy_project
+from conftest import ROOT, TINY, copy_project
 
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.files import read_json
@@ -116,3 +116,14 @@ def test_a_second_run_in_the_same_checkout_is_refused_with_one_line(tmp_path):
     # released when its holder ends, however it ends: the next run may start
     with exclusive(tmp_path, "qlora-pipeline run"):
         assert "pid" in lock_path(tmp_path).read_text()
+
+
+def test_the_committed_lock_records_the_stages_of_dvc_yaml_and_no_others():
+    """DVC keeps a removed or renamed stage's entry in dvc.lock for good; every stage reads
+    and rewrites the whole file, and the stale entry's outputs would still look recorded."""
+    import yaml
+
+    from qlora_pipeline.tracking.dvc import stage_order
+
+    locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
+    assert locked == {name for name, _ in stage_order(ROOT)}
