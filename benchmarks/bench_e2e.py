@@ -1,7 +1,7 @@
 """The default run end to end, cold and warm, its wall time split into compute and orchestration.
 
 Three runs of `qlora-pipeline run`, each in a scratch copy of the project (what a fresh clone has:
-no outputs, no DVC cache):
+the committed dvc.lock, no outputs, no DVC cache):
   - first: a new checkout, so the run also creates Prefect's database (its migrations, once per
     checkout: PREFECT_HOME is project-local);
   - cold: another new checkout, with the Prefect database the first run left (every stage
@@ -73,9 +73,11 @@ def measure(project: Path) -> dict:
 
 
 def checkout(project: Path, prefect_home: Path | None = None) -> Path:
-    """A scratch copy of the project as a git repository, with `prefect_home` copied in."""
+    """A scratch copy of the project as a git repository with the committed dvc.lock, as a
+    clone has it (no outputs, no DVC cache), with `prefect_home` copied in."""
     project.mkdir()
     scratch_copy(project)
+    shutil.copy2(ROOT / "dvc.lock", project / "dvc.lock")
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     if prefect_home is not None:
         shutil.copytree(prefect_home, project / ".prefect")

@@ -10,7 +10,7 @@ from qlora_pipeline.config.schema import PipelineConfig, load_params
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.forkserver import start_early
 from qlora_pipeline.modeling.plan import preflight
-from qlora_pipeline.tracking.dvc import compose
+from qlora_pipeline.tracking.dvc import compose, missing_outputs
 from qlora_pipeline.tracking.revisions import pinning_overrides
 
 
@@ -31,12 +31,13 @@ def prelaunch(root: Path, overrides: list[str]) -> PipelineConfig:
 
 
 def start_fork_server_early(root: Path, cfg: PipelineConfig) -> None:
-    """When stages will surely compute (no dvc.lock yet, or other params), start the fork
-    server now: its imports then overlap the flow's start instead of delaying the first stage.
-    Otherwise the flow starts one if `dvc status` finds work (a warm run starts none)."""
+    """When stages will surely run (no dvc.lock yet, other params, or outputs dvc.lock records
+    missing, as in a fresh clone), start the fork server now: its imports then overlap the
+    flow's start instead of delaying the first stage. Otherwise the flow starts one if
+    `dvc status` finds work (a warm run starts none)."""
     try:
         same = load_params(root / "params.yaml") == cfg
     except PipelineError:
         same = False
-    if not same or not (root / "dvc.lock").is_file():
+    if not same or not (root / "dvc.lock").is_file() or missing_outputs(root):
         start_early(cfg.runtime.cpu_kernels, cfg.runtime.threads)

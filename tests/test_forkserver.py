@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, copy_project, run_cli
+from conftest import ROOT, TINY, copy_project, run_cli
 
 from qlora_pipeline.forkserver import ENV, delegate, serving
 
@@ -153,3 +154,31 @@ def test_dvc_runs_in_a_child_of_the_server_as_a_dvc_process_would(project, capfd
 
         missing = dvc(address, ["repro", "--single-item", "no-such-stage"], str(project), env, True)
     assert missing != 0
+
+
+def test_a_fresh_clone_starts_the_fork_server_before_prefect(tmp_path, monkeypatch):
+    """A fresh clone has dvc.lock and the default params.yaml but none of the outputs: every
+    stage will run, so the server's imports start at once (a warm checkout starts none)."""
+    from pipelines import checks
+    from qlora_pipeline.config.schema import load_params
+    from qlora_pipeline.tracking.dvc import missing_outputs
+
+    copy_project(tmp_path)
+    shutil.copy2(ROOT / "dvc.lock", tmp_path / "dvc.lock")  # committed, as in a clone
+    started: list[str] = []
+    monkeypatch.setattr(checks, "start_early", lambda kernels, threads: started.append(kernels))
+    cfg = load_params(tmp_path / "params.yaml")
+    recorded = missing_outputs(tmp_path)
+    assert "models/base" in recorded and "reports/metrics.json" in recorded
+    checks.start_fork_server_early(tmp_path, cfg)
+    assert started == [cfg.runtime.cpu_kernels]
+
+    for path in recorded:  # every recorded output in place, as after a run
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    assert missing_outputs(tmp_path) == []
+    checks.start_fork_server_early(tmp_path, cfg)
+    assert len(started) == 1
+
+    (tmp_path / "dvc.lock").write_text("stages: [unclosed\n")  # DVC reports it, not this hint
+    assert missing_outputs(tmp_path) == []
