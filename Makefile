@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,7 +42,7 @@ check-reference: run ## after `make run`: the committed reference run must be re
 	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/summary.json reports/scores.csv
 	@echo "reference run reproduced: dvc.lock and reports/metrics.json unchanged"
 
-bench: bench-quant bench-train bench-e2e bench-prepare ## every benchmark of benchmarks/RESULTS.md
+bench: bench-quant bench-train bench-e2e bench-dvc-yaml bench-prepare ## every benchmark of benchmarks/RESULTS.md
 
 bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes recipe, side by side
 	$(BIN)/python benchmarks/bench_train.py
@@ -62,6 +62,9 @@ bench-cpu-kernels: setup ## speed of native vs pinned (avx2, compatible) CPU ker
 
 bench-stage-startup: setup ## stage commands in their own process vs in the flow's fork server, side by side
 	$(BIN)/python benchmarks/bench_stage_startup.py
+
+bench-dvc-yaml: setup ## DVC's per-stage YAML parsing with ruamel's C parser vs pure Python, side by side
+	$(BIN)/python benchmarks/bench_dvc_yaml.py
 
 bench-prepare: setup ## time the prepare step on 100k generated rows (prints a table)
 	$(BIN)/python benchmarks/bench_prepare.py

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -50,11 +49,10 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
-from common import ROOT, write_results
+from common import ROOT, paired_ratio, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 from qlora_pipeline.modeling.plan import KNOWN
-from qlora_pipeline.reporting.stats import paired_difference
 
 VARIANTS = ("pipeline qlora", "pipeline lora", "stock qlora", "stock lora")
 
@@ -252,12 +250,6 @@ def race(steps: int, block: int, shape: dict, work: Path) -> dict[str, dict]:
     finally:
         for v in variants:
             v.proc.kill()
-
-
-def paired_ratio(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """The geometric mean of a/b over paired cycles, with a 95% paired-bootstrap interval."""
-    d = paired_difference(np.log(a), np.log(b))
-    return {k: math.exp(v) for k, v in d.items()} | {"cycles": len(a)}
 
 
 # Real-size random-init Llama shapes for the GPU figures (config.json fields); `tiny` smoke-tests

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +41,15 @@ def write_results(out: Path, results: dict) -> None:
         json.dumps({"command": command, "machine": cpu_model(), **results}, indent=1) + "\n"
     )
     print(f"wrote {out}")
+
+
+def paired_ratio(a: Any, b: Any) -> dict[str, float]:
+    """The geometric mean of a/b over paired measurements (numpy arrays), with a 95%
+    paired-bootstrap interval (`reporting.stats.paired_difference` on the logs)."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from qlora_pipeline.reporting.stats import paired_difference
+
+    d = paired_difference(np.log(a), np.log(b))
+    return {k: math.exp(v) for k, v in d.items()} | {"cycles": len(a)}
