@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml bench-fork-gc clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,7 +42,7 @@ check-reference: run ## after `make run`: the committed reference run must be re
 	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/summary.json reports/scores.csv
 	@echo "reference run reproduced: dvc.lock and reports/metrics.json unchanged"
 
-bench: bench-quant bench-train bench-e2e bench-dvc-yaml bench-prepare ## every benchmark of benchmarks/RESULTS.md
+bench: bench-quant bench-train bench-e2e bench-dvc-yaml bench-fork-gc bench-prepare ## every benchmark of benchmarks/RESULTS.md
 
 bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes recipe, side by side
 	$(BIN)/python benchmarks/bench_train.py
@@ -65,6 +65,9 @@ bench-stage-startup: setup ## stage commands in their own process vs in the flow
 
 bench-dvc-yaml: setup ## DVC's per-stage YAML parsing with ruamel's C parser vs pure Python, side by side
 	$(BIN)/python benchmarks/bench_dvc_yaml.py
+
+bench-fork-gc: run ## DVC's time around a stage in the fork server, its objects frozen out of the gc vs not, side by side
+	$(BIN)/python benchmarks/bench_fork_gc.py
 
 bench-prepare: setup ## time the prepare step on 100k generated rows (prints a table)
 	$(BIN)/python benchmarks/bench_prepare.py
