@@ -273,8 +273,8 @@ def serve(path: str, pinned: str) -> None:
         importlib.import_module(name)
     # The imports' objects (~600,000) leave the garbage collector's care, as Python's docs advise
     # before forking: every full collection in a child walked them all (and wrote to the pages
-    # they sit on); DVC's work around a stage was CPU-bound and ~2.5x slower in a child than in
-    # a process of its own (benchmarks/bench_fork_gc.py: 1.37 s against 0.88 s a stage).
+    # they sit on). DVC's work around a stage in a child: 1.37 s, 0.88 s frozen
+    # (benchmarks/bench_fork_gc.py).
     gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
