@@ -163,8 +163,8 @@ def test_a_fresh_clone_starts_the_fork_server_before_prefect(tmp_path, monkeypat
     from qlora_pipeline.config.schema import load_params
     from qlora_pipeline.tracking.dvc import missing_outputs
 
-    copy_project(tmp_path)
-    shutil.copy2(ROOT / "dvc.lock", tmp_path / "dvc.lock")  # committed, as in a clone
+    for name in ("params.yaml", "dvc.lock"):  # committed: what a clone has of them
+        shutil.copy2(ROOT / name, tmp_path / name)
     started: list[str] = []
     monkeypatch.setattr(checks, "start_early", lambda kernels, threads: started.append(kernels))
     cfg = load_params(tmp_path / "params.yaml")
