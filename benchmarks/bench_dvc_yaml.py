@@ -43,8 +43,8 @@ def child(variant: str) -> None:
     from ruamel.yaml.main import CParser
 
     assert (CParser is None) == (variant == "pure"), "ruamel.yaml.clib is not installed"
-    texts = {n: (ROOT / n).read_text(encoding="utf-8") for n in ("dvc.yaml", "params.yaml")}
-    texts["dvc.lock"] = (ROOT / "dvc.lock").read_text(encoding="utf-8")
+    names = ("dvc.yaml", "params.yaml", "dvc.lock")
+    texts = {n: (ROOT / n).read_text(encoding="utf-8") for n in names}
     t0 = time.perf_counter()
     for _ in range(5):
         for name, text in texts.items():

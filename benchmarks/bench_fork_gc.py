@@ -115,8 +115,8 @@ def main() -> None:
     print(f"{'variant':<12}{'DVC around the stage (s)':>26}{'its command (s)':>17}")
     for v in VARIANTS:
         print(f"{v:<12}{med[v]['dvc']:>26.2f}{med[v]['command']:>17.2f}")
-    q = ratio
-    print(f"not frozen / frozen: {q['estimate']:.2f} [{q['ci_low']:.2f}, {q['ci_high']:.2f}]")
+    lo, hi = ratio["ci_low"], ratio["ci_high"]
+    print(f"not frozen / frozen: {ratio['estimate']:.2f} [{lo:.2f}, {hi:.2f}]")
     write_results(
         ROOT / "benchmarks" / "results" / "fork_gc.json",
         {

@@ -91,8 +91,8 @@ def missing_outputs(root: Path) -> list[str]:
     """The outputs dvc.lock records that are not in the working folder (a fresh clone has
     none of them): a cheap hint, without DVC, that stages will compute or restore.
 
-    Read with PyYAML's C loader where it has one: `dvc status` itself parses dvc.lock in pure
-    Python, ~0.1 s, and this runs before Prefect starts."""
+    Read with PyYAML's C loader where it has one, without importing DVC: this runs before
+    Prefect starts, on the command's critical path."""
     try:
         text = (root / "dvc.lock").read_text(encoding="utf-8")
         loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
