@@ -110,6 +110,23 @@ def test_tokenize_masks_prompt_and_appends_eos(tiny_tokenizer):
     assert len(cut["input_ids"][0]) == 5 and cut["length"][0] > 5 and cut["trained"] == [False]
 
 
+def test_tokenizing_ignores_padding_and_truncation_an_earlier_call_left_set(tiny_tokenizer):
+    """A fast tokenizer keeps the padding and truncation of its last padded call in its Rust
+    backend (evaluation and collators make such calls); the rows must not take them on."""
+    segments = [[("<s>Q: sort c a b\nA:", False), (" a b c\n</s>", True)], [("<s>Q:", False)]]
+    expected = [
+        [i for t, _ in rows for i in tiny_tokenizer.encode(t, add_special_tokens=False)]
+        for rows in segments
+    ]
+    tiny_tokenizer(
+        ["a much longer text than the other", "a"], padding=True, truncation=True, max_length=4
+    )
+    backend = tiny_tokenizer.backend_tokenizer
+    assert backend.padding is not None and backend.truncation is not None  # the fault is set
+    out = tokenize_batch(segments, tiny_tokenizer, 64, "all")
+    assert out["input_ids"] == expected and out["length"] == [len(e) for e in expected]
+
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"

@@ -116,6 +116,10 @@ def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, no special tokens added (the texts carry BOS/EOS themselves)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):  # Rust, no offsets: fastest
+        # The backend keeps the padding and truncation of the tokenizer's last call that asked for
+        # them (an evaluation's, a collator's); the tokenizer's own calls reset them, this one must.
+        backend.no_padding()
+        backend.no_truncation()
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
