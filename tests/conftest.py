@@ -66,7 +66,7 @@ def conf_default(section: str, **changes: Any) -> Any:
 
 
 @functools.cache
-def _prefect_home() -> Path:
+def prefect_home() -> Path:
     """A PREFECT_HOME as a first run leaves it (the database migrated, block types registered):
     made once per session by starting and stopping a temporary server, ~7 s that every
     project's first `run` would otherwise spend on its own."""
@@ -88,7 +88,7 @@ def copy_project(dst: Path) -> None:
     ready Prefect database in its (git-ignored) PREFECT_HOME."""
     scratch_copy(dst)
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    template = _prefect_home()
+    template = prefect_home()
     (dst / ".prefect").mkdir()
     for name in ("prefect.db", "memo_store.toml"):  # the memo: block types are registered
         shutil.copy2(template / name, dst / ".prefect" / name)

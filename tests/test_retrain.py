@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, copy_project, run_cli
+from conftest import TINY, copy_project, prefect_home, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,7 @@ def project(tmp_path_factory):
 def server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 and a free port, with its own PREFECT_HOME (SQLite)."""
     home = tmp_path_factory.mktemp("prefect-server")
+    shutil.copy2(prefect_home() / "prefect.db", home / "prefect.db")  # migrated once a session
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -98,11 +100,16 @@ def server(tmp_path_factory):
         assert proc.poll() is None and time.monotonic() < deadline, (
             home / "server.log"
         ).read_text()
-        time.sleep(1)
+        time.sleep(0.2)
     yield url
     proc.terminate()
     proc.wait(timeout=60)
     log.close()
+
+
+# What `serve` and `prefect worker` poll the server at for scheduled work (Prefect's defaults, 10 s,
+# are a user's; a test waits for every poll it triggers)
+POLL = {"PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_WORKER_QUERY_SECONDS": "1"}
 
 
 def _api(project: Path, url: str, code: str) -> subprocess.CompletedProcess:
@@ -124,6 +131,7 @@ print(run.state.message)
 def test_the_served_deployment_promotes_then_is_a_no_op(project, server):
     env = {**os.environ, "PREFECT_API_URL": server, "PREFECT_HOME": str(project / ".prefect")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env.update(POLL)
     log = project / "serve.log"
     with open(log, "w") as out:
         serve = subprocess.Popen(
@@ -147,7 +155,7 @@ def test_the_served_deployment_promotes_then_is_a_no_op(project, server):
                 if found.returncode == 0:
                     break
                 assert serve.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(2)
+                time.sleep(0.5)
             assert found.stdout.strip() == "['0 3 * * 1']"
 
             # 1. a triggered run: everything runs, the run is committed, v0.0.1 goes to prod
@@ -232,6 +240,7 @@ def test_a_worker_on_a_process_pool_runs_the_deployment(project, server):
     on that pool picks up the triggered run and runs the flow (here a no-op: nothing changed)."""
     env = {**os.environ, "PREFECT_API_URL": server, "PREFECT_HOME": str(project / ".prefect")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env.update(POLL)
     prefect = [sys.executable, "-m", "prefect"]
     create = ["work-pool", "create", "retrain-pool", "--type", "process"]
     made = subprocess.run([*prefect, *create], cwd=project, env=env, capture_output=True, text=True)
