@@ -231,6 +231,9 @@ def test_the_run_logs_no_error_and_its_server_recorded_every_task_run(project):
     # no library's FutureWarning/UserWarning, per-log dict or notice about how we call it
     assert re.findall(r"\w+Warning: .*", log) == []
     assert "{'loss'" not in log and "kwarg is not of type" not in log
+    # DVC's lines of each stage, less its hint after every one to `git add dvc.lock`
+    assert log.count("Running stage '") >= 10 and log.count("Updating lock file") >= 10
+    assert "To track the changes with git" not in log and "core.autostage" not in log
     runs = _task_runs(project)
     stages = len(re.findall(r"dvc repro --single-item (\S+)", log))
     assert stages >= 10 and len(runs) == stages + 2  # compose, the stages, publish

@@ -62,6 +62,7 @@ PRELOAD = (
     "qlora_pipeline.reporting.report",
     # what `dvc repro` and `dvc checkout` import (`dvc`)
     "dvc.cli.parser",
+    "qlora_pipeline.tracking.dvc_cli",
     "dvc.repo.reproduce",
     "dvc.repo.checkout",
     "dvc.stage",
@@ -200,7 +201,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> int:
         # its environment as given: the stage commands it runs find the server there
         os.environ.update(request["env"])
         sys.argv = ["dvc", *argv]
-        from dvc.cli import main as program
+        from qlora_pipeline.tracking.dvc_cli import main as program
     else:
         env = {k: v for k, v in request["env"].items() if k != ENV}
         env["PYTHONHASHSEED"] = "0"  # what this process runs with (the server was started so)

@@ -123,8 +123,9 @@ def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_dvc(root: Path, argv: list[str], env: dict[str, str], quiet: bool = False) -> int:
-    """`dvc <argv>` in `root`: in a child of the fork server `env` names (DVC imported already),
-    else as a process of its own. Its exit status; `quiet` drops its output."""
+    """`dvc <argv>` in `root` (`dvc_cli`: without the per-stage git hints): in a child of the fork
+    server `env` names (DVC imported already), else as a process of its own. Its exit status;
+    `quiet` drops its output."""
     from qlora_pipeline.forkserver import ENV as FORKSERVER_ENV
     from qlora_pipeline.forkserver import dvc
 
@@ -132,7 +133,7 @@ def run_dvc(root: Path, argv: list[str], env: dict[str, str], quiet: bool = Fals
     code = dvc(address, argv, str(root), env, quiet) if address else None
     if code is None:
         out = subprocess.DEVNULL if quiet else None
-        cmd = [sys.executable, "-m", "dvc", *argv]
+        cmd = [sys.executable, "-m", "qlora_pipeline.tracking.dvc_cli", *argv]
         code = subprocess.run(cmd, cwd=root, env=env, stdout=out, stderr=out).returncode
     return code
 
