@@ -126,6 +126,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_prefect(tmp_path_factory):
     os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    # The in-process flows' temporary server: no network here, its telemetry would log an ERROR
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     yield
     # Stop the temporary server Prefect started for the in-process flows now, while pytest's
     # output is open: its exit handler would log into a closed stream ("--- Logging error ---").
