@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-packing bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml bench-fork-gc clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-packing bench-eval bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml bench-fork-gc clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,13 +42,16 @@ check-reference: run ## after `make run`: the committed reference run must be re
 	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/summary.json reports/scores.csv
 	@echo "reference run reproduced: dvc.lock and reports/metrics.json unchanged"
 
-bench: bench-quant bench-train bench-packing bench-e2e bench-dvc-yaml bench-fork-gc bench-prepare ## every benchmark of benchmarks/RESULTS.md
+bench: bench-quant bench-train bench-packing bench-eval bench-e2e bench-dvc-yaml bench-fork-gc bench-prepare ## every benchmark of benchmarks/RESULTS.md
 
 bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes recipe, side by side
 	$(BIN)/python benchmarks/bench_train.py
 
 bench-packing: run ## data.packing on vs per-batch padding in the pipeline's training, side by side
 	$(BIN)/python benchmarks/bench_packing.py
+
+bench-eval: run ## the evaluate stage at several eval.batch_size values, side by side (and same answers?)
+	$(BIN)/python benchmarks/bench_eval.py
 
 bench-gpu: run ## on a GPU: real-size random-init Llama 1B and 8B, 50 steps of 2048 tokens, vs stock
 	$(BIN)/python benchmarks/bench_train.py --shape llama-1b --steps 50
