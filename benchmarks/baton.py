@@ -15,6 +15,7 @@ kernels and threads of params.yaml. Tokens counted are non-padding tokens.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -221,3 +222,16 @@ def race(specs: list[tuple[str, str, dict]], steps: int, block: int, work: Path)
     finally:
         for v in variants:
             v.proc.kill()
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's command line with the harness' options: --steps and --block."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=10,
+        help="steps a variant trains each time it holds the baton (default %(default)s)",
+    )
+    return p

@@ -24,7 +24,6 @@ benchmarks/results/packing.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -32,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from baton import race
+from baton import parser, race
 from common import ROOT, paired_ratio, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
@@ -66,14 +65,7 @@ def prepare_both(overrides: list[str], work: Path) -> tuple[dict, dict, int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
-    p.add_argument(
-        "--block",
-        type=int,
-        default=10,
-        help="steps a variant trains each time it holds the baton (default %(default)s)",
-    )
+    p = parser(__doc__)
     p.add_argument(
         "overrides",
         nargs="*",

@@ -44,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from baton import race
+from baton import parser, race
 from common import ROOT, paired_ratio, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
@@ -126,14 +126,7 @@ def train_flops_per_token(shape: str, r: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
-    p.add_argument(
-        "--block",
-        type=int,
-        default=10,
-        help="steps a variant trains each time it holds the baton (default %(default)s)",
-    )
+    p = parser(__doc__)
     p.add_argument(
         "--shape",
         choices=sorted(SHAPES),
