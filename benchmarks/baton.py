@@ -235,3 +235,8 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
         help="steps a variant trains each time it holds the baton (default %(default)s)",
     )
     return p
+
+
+def timed(run: dict) -> list[dict]:
+    """A variant's blocks that count: all but the first cycle's (warm-up), unless it is the only one."""
+    return run["blocks"][1:] if len(run["blocks"]) > 1 else run["blocks"]

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from baton import parser, race
+from baton import parser, race, timed
 from common import ROOT, paired_ratio, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
@@ -92,15 +92,10 @@ def main() -> None:
             )
         ]
         runs = race(specs, args.steps, args.block, work)
-    cycles = len(next(iter(runs.values()))["blocks"])
-    timed = slice(1 if cycles > 1 else 0, None)  # the first cycle warms up
-
-    def blocks(v: str) -> list[dict]:
-        return runs[v]["blocks"][timed]
 
     rows_out = {}
     for v in runs:
-        b = blocks(v)
+        b = timed(runs[v])
         wall, steps, tokens = (sum(x[k] for x in b) for k in ("wall", "steps", "tokens"))
         rows_out[v] = {
             "batch": packed_batch if v.startswith("packed") else batch,
@@ -112,7 +107,7 @@ def main() -> None:
         }
 
     def speed(v: str, clock: str) -> np.ndarray:
-        return np.array([x["tokens"] / x[clock] for x in blocks(v)])
+        return np.array([x["tokens"] / x[clock] for x in timed(runs[v])])
 
     ratios = {
         clock: {

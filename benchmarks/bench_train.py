@@ -44,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from baton import parser, race
+from baton import parser, race, timed
 from common import ROOT, paired_ratio, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
@@ -167,11 +167,9 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
-    cycles = len(runs[VARIANTS[0]]["blocks"])
-    timed = slice(1 if cycles > 1 else 0, None)  # the first cycle warms up
 
     def total(v: str, key: str) -> float:
-        return sum(b[key] for b in runs[v]["blocks"][timed])
+        return sum(b[key] for b in timed(runs[v]))
 
     rows = {}
     for v, run in runs.items():
@@ -200,10 +198,10 @@ def main() -> None:
     # on the process' CPU time (all threads), which time stolen by other work does not inflate.
     def compare(clock: str) -> tuple[dict, dict]:
         def step(v: str) -> np.ndarray:
-            return np.array([b[clock] / b["steps"] for b in runs[v]["blocks"][timed]])
+            return np.array([b[clock] / b["steps"] for b in timed(runs[v])])
 
         def speed(v: str) -> np.ndarray:
-            return np.array([b["tokens"] / b[clock] for b in runs[v]["blocks"][timed]])
+            return np.array([b["tokens"] / b[clock] for b in timed(runs[v])])
 
         ratio = {
             r: paired_ratio(step(f"{r} qlora"), step(f"{r} lora")) for r in ("pipeline", "stock")
