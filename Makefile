@@ -63,7 +63,7 @@ bench-quant: run ## measured bits per parameter of 4-bit weights vs 4.127 / 4.5,
 bench-e2e: setup ## the default run cold and warm in a scratch copy: compute vs orchestration
 	$(BIN)/python benchmarks/bench_e2e.py
 
-bench-cpu-kernels: setup ## speed of native vs pinned (avx2, compatible) CPU kernels, side by side
+bench-cpu-kernels: setup ## speed of native vs pinned (avx2) CPU kernels, side by side
 	$(BIN)/python benchmarks/bench_cpu_kernels.py
 
 bench-stage-startup: setup ## stage commands in their own process vs in the flow's fork server, side by side

@@ -21,7 +21,7 @@ from packaging.version import Version
 from qlora_pipeline.errors import ConfigError, PipelineError
 from qlora_pipeline.files import sha256_dir
 from qlora_pipeline.reporting.gate import comparable_accepted
-from qlora_pipeline.runtime import PORTABLE_ENV
+from qlora_pipeline.runtime import PORTABLE_ENV, cpu_vendor, mkl_branch
 from qlora_pipeline.tracking import revisions
 from qlora_pipeline.tracking.dvc import compose, write_params
 
@@ -51,6 +51,48 @@ def test_pinning_after_torch_chose_its_kernels_is_refused():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode != 0
     assert "torch was imported before the CPU kernels were pinned" in proc.stderr
+
+
+# The bytes of one fp32 matmul of the tiny model's MLP shape ((32 x 32 tokens) x 256 @ 256 x 768,
+# torch.randn from seed 0) under MKL's AVX2 branch: those of the Intel Xeon the reference run was
+# made on, which the AMD EPYC of 2026-12-03 gives too once MKL takes its Intel code path (and with
+# it the whole reference run, dvc.lock unchanged). MKL's own AMD path gives other bytes.
+AVX2_GEMM_SHA256 = "da36fa92e56ca99fe18cd3a418050425214a34cd08f449d02fc60f0bfb1ecccd"
+GEMM = (
+    "import hashlib, torch\n"
+    "g = torch.Generator().manual_seed(0)\n"
+    "a, b = torch.randn(1024, 256, generator=g), torch.randn(256, 768, generator=g)\n"
+    "print(hashlib.sha256((a @ b).numpy().tobytes()).hexdigest())\n"
+)
+HAS_MKL = mkl_branch() is not None
+
+
+@pytest.mark.skipif(not HAS_MKL, reason="this torch has no MKL")
+def test_mkl_runs_its_avx2_branch_and_bytes_on_any_vendor(capsys):
+    assert mkl_branch() == "AVX2"
+    exec(GEMM, {})
+    assert capsys.readouterr().out.strip() == AVX2_GEMM_SHA256
+
+
+@pytest.mark.skipif(
+    not HAS_MKL or cpu_vendor() in ("", "GenuineIntel"),
+    reason="MKL takes its Intel code path on this CPU by itself",
+)
+def test_without_its_intel_code_path_mkl_gives_other_bytes_and_says_so(tmp_path):
+    """The control for the test above, on a CPU of another vendor: no C compiler to build the
+    dispatch library, so MKL keeps its vendor path, whatever MKL_CBWR asks."""
+    code = "from qlora_pipeline.runtime import pin_cpu, setup_logging\nsetup_logging()\npin_cpu('avx2', 2)\n"
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENV}
+    env.update(CC=str(tmp_path / "no-compiler"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code + GEMM], capture_output=True, text=True, env=env, check=True
+    )
+    assert proc.stdout.strip() != AVX2_GEMM_SHA256
+    assert "MKL runs its AUTO branch, not AVX2" in proc.stderr
+    assert "no C compiler" in proc.stderr
+    assert not (tmp_path / "cache" / "qlora-pipeline").exists() or not any(
+        (tmp_path / "cache" / "qlora-pipeline").iterdir()
+    )  # nothing half-built left behind
 
 
 # Two machines on one: what a CPU offers (ISA caps for torch, oneDNN and MKL), its core count and

@@ -2,41 +2,44 @@
 
 Reproducibility is set here, before torch is imported. On a CPU, the bytes a run produces depend on
 which kernels the math libraries pick, and they pick by the instruction sets the CPU offers
-(AVX2, AVX-512, AVX512-BF16, AMX). `runtime.cpu_kernels=portable` (the default) pins every library
-to the AVX2 kernels any x86-64 CPU of the last decade has, so the same commit, config and data give
-the same bytes on every such machine (`runtime.cpu_kernels`: `avx2`, the default, or `compatible`):
+(AVX2, AVX-512, AVX512-BF16, AMX) and, for MKL, by its vendor. `runtime.cpu_kernels=avx2` (the
+default) pins every library to the AVX2 kernels any x86-64 CPU of the last decade has, Intel's or
+AMD's, so the same commit, config and data give the same bytes on every such machine:
 
 | library | what is pinned | why |
 |---|---|---|
 | PyTorch (ATen) | `ATEN_CPU_CAPABILITY=avx2` | vectorized kernels (softmax, cross-entropy, AdamW, bf16 gemm) differ per ISA |
 | oneDNN | `ONEDNN_MAX_CPU_ISA=AVX2` and `torch.backends.mkldnn.enabled=False` | bf16 matmuls go to oneDNN's AVX512-BF16/AMX kernels, whose blocking depends on the CPU |
-| MKL | `MKL_CBWR=AVX2,STRICT` (`avx2`) or `COMPATIBLE` (`compatible`), `MKL_DYNAMIC=FALSE` | fp32 gemm kernels differ per ISA; STRICT also makes gemm independent of the thread count |
+| MKL | `MKL_CBWR=AVX2,STRICT`, `MKL_DYNAMIC=FALSE`, and its Intel code path on any vendor (`mkl_intel_dispatch`) | fp32 gemm kernels differ per ISA and vendor; STRICT also makes gemm independent of the thread count |
 | bitsandbytes | its AVX512-BF16 repacking off on every 4-bit layer (`pin_bnb_kernels`) | it checks the CPU itself (cpuid), not an environment variable |
 | threads | `runtime.threads` (default 2), also for OpenMP and MKL | the split of work is fixed, whatever the machine's core count |
 | Python | `PYTHONHASHSEED=0` (the CLI re-executes itself once) | peft writes `target_modules` from a set: the order follows the string hash seed |
 
-MKL on AMD: Intel documents CNR branches other than AUTO and COMPATIBLE for Intel processors only;
-on an AMD CPU, `MKL_CBWR=AVX2` silently runs MKL's AUTO branch. So `avx2` gives the same bytes on
-every Intel CPU with AVX2 or newer (and every library but MKL's fp32 gemm is pinned on AMD too);
-`compatible` uses the SSE2 branch Intel documents for "Intel and compatible" processors, at about
-2.5x the fp32 gemm time (benchmarks/bench_cpu_kernels.py). `native` leaves the libraries to pick
-the fastest kernels for this CPU: results are then repeatable on one machine only.
+`native` leaves the libraries to pick the fastest kernels for this CPU (bf16 compute): results are
+then repeatable on one machine only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
 import os
+import platform
+import re
 import resource
+import subprocess
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.errors import PipelineError
 
 log = logging.getLogger("qlora_pipeline")
 
-CPU_KERNELS = ("avx2", "compatible", "native")
+CPU_KERNELS = ("avx2", "native")
 PORTABLE_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -44,7 +47,18 @@ PORTABLE_ENV = {
     "MKL_DYNAMIC": "FALSE",
     "OMP_DYNAMIC": "FALSE",
 }
-MKL_BRANCH = {"avx2": "AVX2,STRICT", "compatible": "COMPATIBLE"}
+# MKL picks its code path by CPU vendor first: on a CPU that is not Intel's it runs its AUTO branch
+# (AVX-512 kernels on an AVX-512 AMD CPU) whatever MKL_CBWR asks, since Intel documents the other
+# reproducibility branches for Intel processors only. It asks these two functions; torch links MKL
+# statically but exports them and calls them through the PLT, so a library defining them, loaded
+# into the global symbol scope before torch, answers for them. MKL then runs the AVX2 branch asked
+# for, the kernels every AVX2 CPU runs: the same bytes on AMD as on Intel.
+INTEL_DISPATCH_C = """\
+int mkl_serv_intel_cpu_true(void) { return 1; }
+int mkl_serv_intel_cpu(void) { return 1; }
+"""
+MKL_CBWR_BRANCH = 1  # mkl_cbwr.h: asks mkl_cbwr_get for the branch in use
+MKL_CBWR_NAMES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 10: "AVX2", 12: "AVX512", 14: "AVX512_E1"}
 MODE_ENV = "QLORA_PIPELINE_CPU_KERNELS"  # what this process pinned, for the loaders and children
 DETERMINISM_ENV = (*PORTABLE_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED", MODE_ENV)
 
@@ -87,14 +101,13 @@ def pin_cpu(cpu_kernels: str, threads: int) -> None:
         raise PipelineError(
             f"config key 'runtime.cpu_kernels': got {cpu_kernels!r}, expected one of {', '.join(CPU_KERNELS)}"
         )
-    wanted = (
-        {**PORTABLE_ENV, "MKL_CBWR": MKL_BRANCH[cpu_kernels]} if cpu_kernels != "native" else {}
-    )
+    wanted = dict(PORTABLE_ENV) if cpu_kernels != "native" else {}
     if threads > 0:
         wanted.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     imported = "torch" in sys.modules
     os.environ.update(wanted)
     os.environ[MODE_ENV] = cpu_kernels
+    unpinned_mkl = None if cpu_kernels == "native" else mkl_intel_dispatch()
     import torch
 
     if threads > 0:
@@ -113,6 +126,88 @@ def pin_cpu(cpu_kernels: str, threads: int) -> None:
             f"runtime.cpu_kernels={cpu_kernels} needs torch's AVX2 kernels, got {capability}: {why}; "
             "use runtime.cpu_kernels=native (results then depend on the CPU)"
         )
+    branch = mkl_branch()
+    if branch not in (None, "AVX2"):
+        log.warning(
+            "MKL runs its %s branch, not AVX2, on this %s CPU (%s): fp32 results repeat on this "
+            "machine but differ from other CPUs' and from the committed reference run",
+            branch,
+            cpu_vendor() or "unknown",
+            unpinned_mkl or "torch was imported before the CPU kernels were pinned",
+        )
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...) on Linux; "" elsewhere."""
+    try:
+        found = re.search(r"^vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return ""
+    return found.group(1) if found else ""
+
+
+def mkl_intel_dispatch() -> str | None:
+    """Make MKL take its Intel code path on an x86-64 CPU of another vendor (see INTEL_DISPATCH_C).
+
+    Builds the two-function library once with the C compiler (`$CC`, else `cc`), cached by content
+    under $XDG_CACHE_HOME/qlora-pipeline (else ~/.cache, else the temp folder), and loads it before
+    torch. Returns None when done or not needed, else why it could not be (MKL then keeps its
+    vendor's path; `pin_cpu` says so).
+    """
+    if platform.machine() not in ("x86_64", "AMD64") or cpu_vendor() in ("", "GenuineIntel"):
+        return None
+    name = f"mkl-intel-dispatch-{hashlib.sha256(INTEL_DISPATCH_C.encode()).hexdigest()[:12]}.so"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    why = "no cache folder to build it in"
+    for folder in (
+        cache / "qlora-pipeline",
+        Path(tempfile.gettempdir()) / f"qlora-pipeline-{os.getuid()}",
+    ):
+        library = folder / name
+        try:
+            if not library.exists():
+                _build_shared_library(INTEL_DISPATCH_C, library)
+            ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
+            return None
+        except FileNotFoundError:
+            return "no C compiler to build its Intel-dispatch library: install one (cc), or set CC"
+        except subprocess.CalledProcessError as err:
+            return f"building its Intel-dispatch library failed: {err.stderr.strip()[:200]}"
+        except OSError as err:
+            why = f"could not build or load {library}: {err.strerror}"
+    return why
+
+
+def _build_shared_library(source: str, library: Path) -> None:
+    """Compile `source` into `library`, atomically (processes may build it at the same time)."""
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
+        (Path(tmp) / "lib.c").write_text(source)
+        compiler = os.environ.get("CC") or "cc"
+        subprocess.run(
+            [compiler, "-shared", "-fPIC", "-O2", "-o", "lib.so", "lib.c"],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        os.replace(Path(tmp) / "lib.so", library)
+
+
+def mkl_branch() -> str | None:
+    """The reproducibility branch MKL runs in this process (AUTO, AVX2, ...), as MKL itself reports
+    it; None where torch has no MKL (e.g. ARM builds)."""
+    import torch
+
+    try:
+        get = ctypes.CDLL(
+            str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")
+        ).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    get.restype = ctypes.c_int
+    code = get(MKL_CBWR_BRANCH)
+    return MKL_CBWR_NAMES.get(code, str(code))
 
 
 def portable() -> bool:

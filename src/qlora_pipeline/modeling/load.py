@@ -72,7 +72,7 @@ def load_tokenizer(base_dir: str | Path, trust_remote_code: bool = False) -> Any
 def compute_dtype(name: str) -> str:
     """The dtype a configured 16-bit compute dtype really runs in.
 
-    With pinned CPU kernels (`runtime.cpu_kernels` avx2 or compatible, see runtime.py) a CPU computes in
+    With pinned CPU kernels (`runtime.cpu_kernels=avx2`, see runtime.py) a CPU computes in
     float32: torch has no AVX2 kernel for bf16 matmuls, only a scalar fallback about 60x slower
     than fp32 (measured: benchmarks/bench_cpu_kernels.py). Weights keep their bf16 values (loading
     bf16 into fp32 is exact); only activations and accumulation are fp32. GPUs and native CPU

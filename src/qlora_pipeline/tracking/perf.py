@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.files import read_json, write_json
-from qlora_pipeline.runtime import DETERMINISM_ENV, library_versions, peak_memory_mb
+from qlora_pipeline.runtime import DETERMINISM_ENV, library_versions, mkl_branch, peak_memory_mb
 
 _notes: dict[str, Any] = {}
 
@@ -77,6 +77,7 @@ def fingerprint(params: Path) -> dict[str, Any]:
         "accelerator": f"CUDA {cuda}" if cuda else "cpu",
         "device": torch.cuda.get_device_name() if cuda else cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_branch": mkl_branch(),  # as MKL reports it: AVX2 with pinned kernels on any vendor
         "threads": torch.get_num_threads(),
         "determinism": {k: os.environ[k] for k in DETERMINISM_ENV if k in os.environ},
         "libraries": library_versions(),
