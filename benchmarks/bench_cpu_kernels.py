@@ -20,11 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = ("native", "avx2", "compatible")
+MODES = ("native", "avx2")
 
 CHILD = r"""
 import json, sys, time
-from qlora_pipeline.runtime import pin_cpu
+from qlora_pipeline.runtime import cpu_vendor, mkl_branch, pin_cpu
 mode, steps = sys.argv[1], int(sys.argv[2])
 pin_cpu(mode, 2)
 import torch
@@ -63,6 +63,8 @@ out = {
     "bf16_linear_ms": per_call(linear(torch.bfloat16), 3 if mode != "native" else 20),
     "fp32_linear_ms": per_call(linear(torch.float32), 20),
     "torch_kernels": torch.backends.cpu.get_cpu_capability(),
+    "mkl_branch": mkl_branch(),
+    "cpu_vendor": cpu_vendor(),
 }
 print("RESULT " + json.dumps(out))
 """
@@ -90,16 +92,16 @@ def main() -> None:
     keys = ("pretrain_step_ms", "bf16_linear_ms", "fp32_linear_ms")
     summary = {
         m: {k: statistics.median(x[k] for x in rows) for k in keys}
-        | {"torch_kernels": rows[0]["torch_kernels"]}
+        | {k: rows[0][k] for k in ("torch_kernels", "mkl_branch", "cpu_vendor")}
         for m, rows in results.items()
     }
     base = summary["native"]["pretrain_step_ms"]
     print(
-        f"{'mode':<11} {'kernels':<8} {'pretrain step ms':>17} {'vs native':>9} {'bf16 linear ms':>15} {'fp32 linear ms':>15}"
+        f"{'mode':<11} {'kernels':<8} {'MKL':<10} {'pretrain step ms':>17} {'vs native':>9} {'bf16 linear ms':>15} {'fp32 linear ms':>15}"
     )
     for m, s in summary.items():
         print(
-            f"{m:<11} {s['torch_kernels']:<8} {s['pretrain_step_ms']:>17.1f} {s['pretrain_step_ms'] / base:>8.2f}x "
+            f"{m:<11} {s['torch_kernels']:<8} {s['mkl_branch'] or '-':<10} {s['pretrain_step_ms']:>17.1f} {s['pretrain_step_ms'] / base:>8.2f}x "
             f"{s['bf16_linear_ms']:>15.1f} {s['fp32_linear_ms']:>15.2f}"
         )
     out = Path(__file__).parent / "results" / "cpu_kernels.json"
