@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
@@ -93,6 +94,35 @@ def test_without_its_intel_code_path_mkl_gives_other_bytes_and_says_so(tmp_path)
     assert not (tmp_path / "cache" / "qlora-pipeline").exists() or not any(
         (tmp_path / "cache" / "qlora-pipeline").iterdir()
     )  # nothing half-built left behind
+
+
+def test_the_dispatch_library_is_loaded_only_from_a_folder_private_to_this_user(
+    tmp_path, monkeypatch
+):
+    """A library every stage loads: one planted in a folder others may write is passed over, and
+    the library is built in the next place, the temp folder, private to this user."""
+    from qlora_pipeline import runtime
+
+    monkeypatch.setattr(runtime, "cpu_vendor", lambda: "AuthenticAMD")  # builds on Intel too
+    shared = tmp_path / "cache" / "qlora-pipeline"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert runtime.mkl_intel_dispatch() is None
+    assert not any(shared.iterdir())
+    (built,) = (tmp_path / "tmp").glob("qlora-pipeline-*/mkl-intel-dispatch-*.so")
+    assert built.parent.stat().st_mode & 0o777 == 0o700
+
+    shared.chmod(0o700)  # now a private folder, holding a library others may write: passed over
+    planted = shared / built.name
+    shutil.copy(built, planted)
+    planted.chmod(0o666)
+    (tmp_path / "tmp2").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp2"))
+    monkeypatch.setattr(runtime.shutil, "which", lambda _: None)  # and nothing to build with
+    assert "no C compiler" in runtime.mkl_intel_dispatch()
 
 
 # Two machines on one: what a CPU offers (ISA caps for torch, oneDNN and MKL), its core count and

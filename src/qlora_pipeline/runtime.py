@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -151,13 +152,16 @@ def mkl_intel_dispatch() -> str | None:
 
     Builds the two-function library once with the C compiler (`$CC`, else `cc`), cached by content
     under $XDG_CACHE_HOME/qlora-pipeline (else ~/.cache, else the temp folder), and loads it before
-    torch. Returns None when done or not needed, else why it could not be (MKL then keeps its
-    vendor's path; `pin_cpu` says so).
+    torch. A library every stage loads must be one nobody else could have put there: a folder or
+    library that is not this user's, or that others may write, is passed over. Returns None when
+    done or not needed, else why it could not be (MKL then keeps its vendor's path; `pin_cpu`
+    says so).
     """
     if platform.machine() not in ("x86_64", "AMD64") or cpu_vendor() in ("", "GenuineIntel"):
         return None
     name = f"mkl-intel-dispatch-{hashlib.sha256(INTEL_DISPATCH_C.encode()).hexdigest()[:12]}.so"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    compiler = os.environ.get("CC") or "cc"
     why = "no cache folder to build it in"
     for folder in (
         cache / "qlora-pipeline",
@@ -165,25 +169,33 @@ def mkl_intel_dispatch() -> str | None:
     ):
         library = folder / name
         try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not _private(folder) or (library.exists() and not _private(library)):
+                why = f"{library}: not this user's, or writable by others"
+                continue
             if not library.exists():
-                _build_shared_library(INTEL_DISPATCH_C, library)
+                if shutil.which(compiler) is None:
+                    return "no C compiler to build its Intel-dispatch library: install one (cc), or set CC"
+                _build_shared_library(INTEL_DISPATCH_C, library, compiler)
             ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL)
             return None
-        except FileNotFoundError:
-            return "no C compiler to build its Intel-dispatch library: install one (cc), or set CC"
         except subprocess.CalledProcessError as err:
             return f"building its Intel-dispatch library failed: {err.stderr.strip()[:200]}"
         except OSError as err:
-            why = f"could not build or load {library}: {err.strerror}"
+            why = f"could not build or load {library}: {err.strerror or err}"
     return why
 
 
-def _build_shared_library(source: str, library: Path) -> None:
+def _private(path: Path) -> bool:
+    """True when `path` is this user's and nobody else may write it."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _build_shared_library(source: str, library: Path, compiler: str) -> None:
     """Compile `source` into `library`, atomically (processes may build it at the same time)."""
-    library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
         (Path(tmp) / "lib.c").write_text(source)
-        compiler = os.environ.get("CC") or "cc"
         subprocess.run(
             [compiler, "-shared", "-fPIC", "-O2", "-o", "lib.so", "lib.c"],
             cwd=tmp,
