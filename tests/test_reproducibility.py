@@ -54,16 +54,17 @@ def test_pinning_after_torch_chose_its_kernels_is_refused():
     assert "torch was imported before the CPU kernels were pinned" in proc.stderr
 
 
-# The bytes of one fp32 matmul of the tiny model's MLP shape ((32 x 32 tokens) x 256 @ 256 x 768,
-# torch.randn from seed 0) under MKL's AVX2 branch: those of the Intel Xeon the reference run was
-# made on, which the AMD EPYC of 2026-12-03 gives too once MKL takes its Intel code path (and with
-# it the whole reference run, dvc.lock unchanged). MKL's own AMD path gives other bytes.
-AVX2_GEMM_SHA256 = "da36fa92e56ca99fe18cd3a418050425214a34cd08f449d02fc60f0bfb1ecccd"
+# The bytes of one fp32 linear layer of the tiny model's MLP shape ((32 x 32 tokens) x 256 through a
+# 768 x 256 weight, torch.randn from seed 0): the call its up and gate projections make in every
+# pre-training step. Recorded on the AMD EPYC of 2026-12-03 with MKL on its Intel code path, where
+# the reference run made on an Intel Xeon reproduced byte for byte (dvc.lock unchanged); MKL's own
+# AMD path gives other bytes (the control below).
+AVX2_GEMM_SHA256 = "ae711e6f857e90f5f3d0f5d792833a78cfc11acfe116ddb13ddecb72e1395656"
 GEMM = (
     "import hashlib, torch\n"
     "g = torch.Generator().manual_seed(0)\n"
-    "a, b = torch.randn(1024, 256, generator=g), torch.randn(256, 768, generator=g)\n"
-    "print(hashlib.sha256((a @ b).numpy().tobytes()).hexdigest())\n"
+    "x, w = torch.randn(1024, 256, generator=g), torch.randn(768, 256, generator=g)\n"
+    "print(hashlib.sha256(torch.nn.functional.linear(x, w).numpy().tobytes()).hexdigest())\n"
 )
 HAS_MKL = mkl_branch() is not None
 
