@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-packing bench-eval bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml bench-fork-gc clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-packing bench-packing-long-tail bench-eval bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml bench-fork-gc clean
 
 setup:
 	@bash scripts/setup.sh
@@ -49,6 +49,13 @@ bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes r
 
 bench-packing: run ## data.packing on vs per-batch padding in the pipeline's training, side by side
 	$(BIN)/python benchmarks/bench_packing.py
+
+GSM8K ?= ../shared/datasets/gsm8k
+LONG_TAIL := $(or $(TMPDIR),/tmp)/qlora-pipeline-long-tail.jsonl
+bench-packing-long-tail: run ## the same on a long-tailed mix: the default data + GSM8K (GSM8K=folder holding its train.jsonl)
+	$(BIN)/python benchmarks/long_tail_data.py $(GSM8K) $(LONG_TAIL)
+	$(BIN)/python benchmarks/bench_packing.py --steps 150 --out benchmarks/results/packing_long_tail.json \
+	  data=local data.path=$(LONG_TAIL) data.max_length=128 data.length_policy=drop data.dedupe=false
 
 bench-eval: run ## the evaluate stage at several eval.batch_size values, side by side (and same answers?)
 	$(BIN)/python benchmarks/bench_eval.py

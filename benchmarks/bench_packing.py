@@ -17,9 +17,10 @@ variants run in the baton harness (`baton.py`): one process each, one training a
 per cycle with 95% paired-bootstrap intervals. Tokens/s counts non-padding tokens.
 
 Needs the base of the default run (`make run`). Prints a table and writes
-benchmarks/results/packing.json.
+benchmarks/results/packing.json (or --out). On a long-tailed mix of the default data and GSM8K
+(`long_tail_data.py`): `make bench-packing-long-tail GSM8K=<folder with its train.jsonl>`.
 
-    .venv/bin/python benchmarks/bench_packing.py [--steps 300] [--block 10] [data.OVERRIDE ...]
+    .venv/bin/python benchmarks/bench_packing.py [--steps 300] [--block 10] [--out F] [data.OVERRIDE ...]
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ sys.path.insert(0, str(ROOT / "src"))
 ARMS = ("qlora", "lora")
 
 
-def prepare_both(overrides: list[str], work: Path) -> tuple[dict, dict, int]:
-    """The data prepared padded and packed into `work`; both manifests and the run's batch."""
+def prepare_both(overrides: list[str], work: Path) -> tuple[dict, dict, int, dict]:
+    """The data prepared padded and packed into `work`; both manifests, the run's batch, and the
+    token lengths of the train rows kept (the manifest's are before truncation or dropping)."""
     import datasets
 
-    from qlora_pipeline.data.prepare import prepare
+    from qlora_pipeline.data.prepare import length_stats, prepare, row_lengths
     from qlora_pipeline.modeling.load import base_context, load_tokenizer
     from qlora_pipeline.tracking.dvc import compose
 
@@ -61,11 +63,20 @@ def prepare_both(overrides: list[str], work: Path) -> tuple[dict, dict, int]:
         )
         for name, packing in (("padded", False), ("packed", True))
     }
-    return manifests["padded"], manifests["packed"], cfg.train.batch_size
+    kept = length_stats(
+        row_lengths(datasets.load_from_disk(str(work / "padded" / "dataset"))["train"])
+    )
+    return manifests["padded"], manifests["packed"], cfg.train.batch_size, kept
 
 
 def main() -> None:
     p = parser(__doc__)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks/results/packing.json",
+        help="the JSON results file (default %(default)s)",
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -80,7 +91,7 @@ def main() -> None:
     os.chdir(ROOT)  # data.path and friends are relative to the project
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        padded, packed, batch = prepare_both(args.overrides, work)
+        padded, packed, batch, lengths = prepare_both(args.overrides, work)
         examples, rows = packed["packing"]["examples"], packed["packing"]["rows"]
         packed_batch = max(1, round(batch * rows / examples))
         specs = [
@@ -116,7 +127,6 @@ def main() -> None:
         }
         for clock in ("wall", "cpu")
     }
-    lengths = padded["token_lengths"]["train"]
     print(
         f"data: {padded['source']['name']}, {examples} train examples of {lengths['min']}-"
         f"{lengths['max']} tokens (mean {lengths['mean']}); packed into {rows} rows of <= "
@@ -141,7 +151,7 @@ def main() -> None:
             )
         )
     write_results(
-        ROOT / "benchmarks/results/packing.json",
+        args.out,
         {
             "steps": args.steps,
             "block": args.block,
