@@ -22,7 +22,7 @@ from packaging.version import Version
 from qlora_pipeline.errors import ConfigError, PipelineError
 from qlora_pipeline.files import sha256_dir
 from qlora_pipeline.reporting.gate import comparable_accepted
-from qlora_pipeline.runtime import PORTABLE_ENV, cpu_vendor, mkl_branch
+from qlora_pipeline.runtime import PORTABLE_ENV, cpu_info, cpu_vendor, mkl_branch
 from qlora_pipeline.tracking import revisions
 from qlora_pipeline.tracking.dvc import compose, write_params
 
@@ -95,6 +95,19 @@ def test_without_its_intel_code_path_mkl_gives_other_bytes_and_says_so(tmp_path)
     assert not (tmp_path / "cache" / "qlora-pipeline").exists() or not any(
         (tmp_path / "cache" / "qlora-pipeline").iterdir()
     )  # nothing half-built left behind
+
+
+def test_cpu_info_reads_the_first_cpus_field_and_nothing_when_absent(tmp_path):
+    info = tmp_path / "cpuinfo"  # the layout of Linux's /proc/cpuinfo: one block per CPU
+    info.write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9R14  \n\n"
+        "processor\t: 1\nvendor_id\t: GenuineIntel\nmodel name\t: other\n",
+        encoding="utf-8",
+    )
+    assert cpu_info("vendor_id", info) == "AuthenticAMD"
+    assert cpu_info("model name", info) == "AMD EPYC 9R14"
+    assert cpu_info("microcode", info) == ""
+    assert cpu_info("vendor_id", tmp_path / "absent") == ""
 
 
 def test_the_dispatch_library_is_loaded_only_from_a_folder_private_to_this_user(

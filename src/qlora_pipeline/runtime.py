@@ -138,13 +138,20 @@ def pin_cpu(cpu_kernels: str, threads: int) -> None:
         )
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...) on Linux; "" elsewhere."""
+def cpu_info(field: str, path: Path = Path("/proc/cpuinfo")) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ("vendor_id", "model name", ...) on Linux; ""
+    elsewhere or when it has none."""
+    pattern = rf"^{re.escape(field)}\s*:\s*(.*?)\s*$"
     try:
-        found = re.search(r"^vendor_id\s*:\s*(\S+)", Path("/proc/cpuinfo").read_text(), re.M)
+        found = re.search(pattern, path.read_text(encoding="utf-8"), re.M)
     except OSError:
         return ""
     return found.group(1) if found else ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor string (GenuineIntel, AuthenticAMD, ...) on Linux; "" elsewhere."""
+    return cpu_info("vendor_id")
 
 
 def mkl_intel_dispatch() -> str | None:

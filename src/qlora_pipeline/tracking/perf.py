@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.files import read_json, write_json
-from qlora_pipeline.runtime import DETERMINISM_ENV, library_versions, mkl_branch, peak_memory_mb
+from qlora_pipeline.runtime import (
+    DETERMINISM_ENV,
+    cpu_info,
+    library_versions,
+    mkl_branch,
+    peak_memory_mb,
+)
 
 _notes: dict[str, Any] = {}
 
@@ -42,13 +48,8 @@ def drop_steps_after(step: int) -> None:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The CPU's model name ("AMD EPYC", ...), else what `platform` knows of it."""
+    return cpu_info("model name") or platform.processor() or platform.machine()
 
 
 def git_commit(root: Path | None = None) -> str:
