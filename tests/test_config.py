@@ -92,6 +92,7 @@ def test_qlora_is_lora_plus_quantization_only():
         (["runtime.cpu_kernels=fastest"], "runtime.cpu_kernels"),
         (["seeds=[0,0]"], "seeds"),
         (["train.logging_steps=3", "train.save_steps=10"], "train.save_steps"),  # not a multiple
+        (["train.max_steps=3", "train.logging_steps=5"], "train.logging_steps"),  # no log step
         (["eval.tasks=[qlora_nope]"], "eval.tasks"),
         (["eval.tasks_dir=no/such/tasks"], "eval.tasks_dir"),
         (["report.gate.tasks=[hellaswag]"], "report.gate.tasks"),  # not an evaluated task

@@ -402,6 +402,12 @@ def _validate_values(cfg: PipelineConfig) -> None:
     t = cfg.train
     for name in ("max_steps", "batch_size", "grad_accum", "lr", "logging_steps", "max_grad_norm"):
         _positive(getattr(t, name), f"train.{name}")
+    _check(
+        t.logging_steps <= t.max_steps,
+        "train.logging_steps",
+        f"must be at most train.max_steps ({t.max_steps}): the loss is recorded at logging steps, "
+        "and a run with none has no training curve",
+    )
     _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
     _positive(t.lora.r, "train.lora.r")
     _positive(t.lora.alpha, "train.lora.alpha")
