@@ -3,6 +3,7 @@ and one clear line for every kind of bad input with earlier outputs left untouch
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -344,6 +345,31 @@ def test_packing_keeps_examples_separate(tiny_base):
         assert (leaky[0, 7:19] - logits[0, 7:19]).abs().max() > 0.1  # the check can fail
     assert pack.padding_waste([7, 12, 5, 9, 20], 30) == pytest.approx(1 - 53 / 150)
     assert pack.padding_waste([7, 12, 5, 9, 20], 30, packed=True) == pytest.approx(1 - 53 / 60)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_batch_padding_is_that_of_every_batch_drawn_with_replacement(batch):
+    lengths = [1, 2, 5, 5, 9]
+    batches = list(itertools.product(lengths, repeat=batch))  # each equally likely
+    real = sum(sum(b) for b in batches)
+    computed = sum(batch * max(b) for b in batches)  # padded to its longest row
+    assert pack.batch_padding(lengths, batch) == pytest.approx(1 - real / computed, abs=1e-12)
+
+
+def test_packing_is_suggested_for_long_tailed_rows_not_for_the_default_data(tiny_cfg, tiny_data):
+    from qlora_pipeline.data.prepare import row_lengths
+    from qlora_pipeline.training.train import packing_hint
+
+    default = row_lengths(load_from_disk(str(tiny_data / "dataset"))["train"])
+    assert packing_hint(default, tiny_cfg.train.batch_size, tiny_cfg.data.max_length) is None
+    rng = random.Random(0)  # most rows short, one in five long: nearly every batch pads to one
+    long_tailed = [
+        rng.randint(15, 19) if rng.random() < 0.8 else rng.randint(60, 128) for _ in range(2000)
+    ]
+    hint = packing_hint(long_tailed, 16, 128)
+    assert hint is not None and "data.packing=true" in hint
+    padding = int(hint.split("about ")[1].split("%")[0])
+    assert 60 <= padding <= 80  # a batch of 16: ~97% hold a long row, mean length ~35
 
 
 def test_packed_dataset_trains_through_the_trainer_collator(tmp_path, tiny_tokenizer):

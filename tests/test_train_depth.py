@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import signal
@@ -101,6 +102,29 @@ def test_loftq_starts_from_the_quantization_error(tiny_cfg, tiny_base):
         m.lora_B["default"].weight for _, m in loftq.named_modules() if hasattr(m, "lora_B")
     )
     assert b_plain.abs().max() == 0 and b_loftq.abs().max() > 0
+
+
+def test_the_train_stage_logs_the_packing_hint_when_its_data_calls_for_it(
+    tiny_cfg, tiny_base, tiny_data, tmp_path, monkeypatch, caplog
+):
+    from qlora_pipeline.runtime import log
+    from qlora_pipeline.training import train as train_mod
+
+    def run(name: str) -> None:
+        (tmp_path / name).mkdir()
+        cfg = _cfg(tiny_cfg, tmp_path / name, max_steps=5, eval_steps=None, save_steps=None)
+        train(cfg, "lora", 0, tiny_base, tiny_data, tmp_path / name / "out")
+
+    caplog.set_level(logging.INFO, logger=log.name)
+    log.addHandler(caplog.handler)  # the pipeline's logger does not propagate
+    try:
+        run("quiet")
+        assert "data.packing=true" not in caplog.text  # the default data: no hint
+        monkeypatch.setattr(train_mod, "PACKING_PAYS", 0.5)  # as if its rows were long-tailed
+        run("hinted")
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "train[lora seed 0]: padded batches of 16 here are about 0% padding" in caplog.text
 
 
 @pytest.mark.parametrize("variant", ["dora", pytest.param("loftq", marks=pytest.mark.gpu)])

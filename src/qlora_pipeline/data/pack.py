@@ -81,6 +81,28 @@ def padding_waste(lengths: Sequence[int], length: int, packed: bool = False) -> 
     return 1.0 - sum(lengths) / (rows * length)
 
 
+def batch_padding(lengths: Sequence[int], batch: int) -> float:
+    """The expected fraction of padding in a batch of `batch` rows drawn at random (with
+    replacement) from `lengths` and padded to its longest row, as the plain collator pads:
+    1 - E[sum] / (batch * E[max]), with E[max] from the order statistics of `lengths`."""
+    import numpy as np
+
+    if not lengths:
+        return 0.0
+    x = np.sort(np.asarray(lengths, dtype=float))
+    k = np.arange(1, len(x) + 1) / len(x)
+    longest = float((x * (k**batch - (k - 1 / len(x)) ** batch)).sum())
+    return max(0.0, 1.0 - float(x.mean()) / longest)  # rows of one length: 0, not -1e-16
+
+
+def packing_gain(lengths: Sequence[int], batch: int, length: int) -> float:
+    """Tokens computed per real token in padded batches of `batch` over that of rows packed to
+    `length` and padded to it: above 1, packed rows compute fewer."""
+    return (1.0 - padding_waste(lengths, length, packed=True)) / (
+        1.0 - batch_padding(lengths, batch)
+    )
+
+
 class PackedCollator:
     """Pads packed rows to the longest in the batch. The padding is one more "example" (positions
     from 0, labels -100), and no attention_mask is passed, so the packed mask stays exact."""

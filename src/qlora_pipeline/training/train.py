@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from qlora_pipeline.config.schema import PipelineConfig
-from qlora_pipeline.data.pack import IGNORE_INDEX, PackedCollator
+from qlora_pipeline.data.pack import (
+    IGNORE_INDEX,
+    PackedCollator,
+    batch_padding,
+    groups,
+    packing_gain,
+)
 from qlora_pipeline.errors import PipelineError
 from qlora_pipeline.files import (
     atomic_dir,
@@ -88,6 +94,28 @@ def collator(tokenizer: Any) -> Any:
         return packed(rows) if "position_ids" in rows[0] else plain(rows)
 
     return collate
+
+
+# Padded batches computing this many times the tokens per real token that packed rows would: from
+# there on, packing trained faster on a CPU (bench_packing, benchmarks/RESULTS.md: its dense
+# block-diagonal mask costs 8 to 19% beyond the tokens it computes).
+PACKING_PAYS = 1.2
+
+
+def packing_hint(lengths: list[int], batch: int, length: int) -> str | None:
+    """One line suggesting `data.packing` when unpacked train rows of these `lengths`, padded
+    per batch of `batch`, would compute PACKING_PAYS times the tokens rows packed to `length`
+    would; else None."""
+    gain = packing_gain(lengths, batch, length)
+    if gain < PACKING_PAYS:
+        return None
+    per_row = len(lengths) / len(groups(lengths, length))
+    return (
+        f"padded batches of {batch} here are about {batch_padding(lengths, batch):.0%} padding, "
+        f"and packed rows would compute {gain:.1f}x fewer tokens: consider data.packing=true "
+        f"(train.batch_size then counts rows of about {per_row:.1f} examples; "
+        "benchmarks/RESULTS.md)"
+    )
 
 
 def loss_csv(steps: list[dict[str, Any]]) -> str:
@@ -169,6 +197,7 @@ def train(
     from datasets import load_from_disk
     from transformers import ProgressCallback
 
+    from qlora_pipeline.data.prepare import row_lengths
     from qlora_pipeline.training.checkpoints import (
         CheckpointingTrainer,
         LossProgress,
@@ -214,6 +243,10 @@ def train(
     trainable, total = model.get_nb_trainable_parameters()
     pin_bnb_kernels(model)  # an eval mid-training must not repack: bitwise resume
     splits = load_from_disk(str(dataset_dir))
+    if "position_ids" not in splits["train"].column_names:  # not packed
+        hint = packing_hint(row_lengths(splits["train"]), t.batch_size, cfg.data.max_length)
+        if hint:
+            log.info("train[%s]: %s", label, hint)
 
     paging = method.optimizer.startswith("paged") and torch.cuda.is_available()
     if method.optimizer.startswith("paged") and not paging:
