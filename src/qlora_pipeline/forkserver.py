@@ -60,20 +60,6 @@ PRELOAD = (
     "qlora_pipeline.modeling.export",
     "qlora_pipeline.evaluation.evaluate",
     "qlora_pipeline.reporting.report",
-    # what `dvc repro` and `dvc checkout` import (`dvc`)
-    "dvc.cli.parser",
-    "qlora_pipeline.tracking.dvc_cli",
-    "dvc.repo.reproduce",
-    "dvc.repo.checkout",
-    "dvc.stage",
-    "dvc.dvcfile",
-    "dvc.rwlock",
-    "dvc.lock",
-    "dvc.scm",
-    "dvc.cachemgr",
-    "dvc.data_cloud",
-    "dvc.utils.strictyaml",
-    "dvc_data.hashfile.db.local",
 )
 _STATUS = struct.Struct("!i")
 
@@ -272,6 +258,9 @@ def serve(path: str, pinned: str) -> None:
     pin_cpu(cpu_kernels, int(threads))
     for name in PRELOAD:
         importlib.import_module(name)
+    from qlora_pipeline.tracking import dvc_cli
+
+    dvc_cli.warm()  # DVC's modules, its parser
     # The imports' objects (~600,000) leave the garbage collector's care, as Python's docs advise
     # before forking: every full collection in a child walked them all (and wrote to the pages
     # they sit on). DVC's work around a stage in a child: 1.37 s, 0.88 s frozen
