@@ -7,8 +7,8 @@ call, after importing its whole server application into the command (~3 s of CPU
 handler stops it while the server may still be writing the run's last task-run states (a
 `task_run_recorder` "Error flushing 1 events" traceback). Here it starts first thing (`start`),
 booting in its own process while the command imports the flow and checks the config; `ready`
-waits for it before the flow; `stop` hands it the command's pending events and lets it record
-them before it ends.
+waits for it before the flow and sets what its flow runs need (`TEMPORARY_SETTINGS`); `stop`
+hands it the command's pending events and lets it record them before it ends.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,11 @@ from qlora_pipeline.errors import PipelineError
 
 LOG_NAME = "temporary-server.log"  # under PREFECT_HOME: what the server said
 TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # Prefect's own setting
-_SERVER: dict[str, Any] = {}  # the one this process started: proc, url, log, since, ready
+_SERVER: dict[str, Any] = {}  # the one this process started: proc, url, log, since, ready, settings
+# Prefect settings for the flow runs on a temporary server. No flow-run heartbeats: they let a
+# server tell that a run crashed, and this one ends with the command. A flow run waited for its
+# heartbeat thread's 1 s sleep to end, up to 1 s a run (benchmarks/bench_run_end.py).
+TEMPORARY_SETTINGS: dict[str, Any] = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": None}
 
 
 def _free_port() -> int:
@@ -57,11 +62,13 @@ def start() -> None:
     url = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_UI_URL"] = ""  # no "View at <link>": no UI, and gone after the command
-    _SERVER.update(proc=proc, url=url, log=log, since=datetime.now(timezone.utc), ready=False)
+    since = datetime.now(timezone.utc)
+    _SERVER.update(proc=proc, url=url, log=log, since=since, ready=False, settings=ExitStack())
 
 
 def ready() -> None:
-    """Wait until the server `start` started answers (its database migrated).
+    """Wait until the server `start` started answers (its database migrated), then apply
+    `TEMPORARY_SETTINGS` until `stop`.
 
     Raises:
         PipelineError: it exited, or did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_
@@ -69,7 +76,16 @@ def ready() -> None:
     """
     if not _SERVER or _SERVER["ready"]:
         return
-    proc, log = _SERVER["proc"], _SERVER["log"]
+    _answering(_SERVER["proc"], _SERVER["url"], _SERVER["log"])
+    import prefect.settings
+    from prefect.settings import temporary_settings
+
+    named = {getattr(prefect.settings, k): v for k, v in TEMPORARY_SETTINGS.items()}
+    _SERVER["settings"].enter_context(temporary_settings(named))
+    _SERVER["ready"] = True
+
+
+def _answering(proc: subprocess.Popen, url: str, log: Path) -> None:
     limit = os.environ.get(TIMEOUT_ENV, "90")
     deadline = time.monotonic() + float(limit)
     while time.monotonic() < deadline:
@@ -79,8 +95,7 @@ def ready() -> None:
                 f"its output: {log}"
             )
         try:
-            with urllib.request.urlopen(f"{_SERVER['url']}/health", timeout=2):
-                _SERVER["ready"] = True
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.05)
@@ -142,4 +157,5 @@ def stop(settle_s: float = 10.0) -> None:
             proc.wait()
         for name in ("PREFECT_API_URL", "PREFECT_UI_URL"):
             os.environ.pop(name, None)
+        _SERVER["settings"].close()
         _SERVER.clear()

@@ -187,6 +187,29 @@ def test_cli_help_explains_commands():
         assert word in proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("params", "code", "said"),
+    [("params.yaml", 0, "quality gate: PASS"), ("no-such.yaml", 2, "error: ")],
+)
+def test_a_command_line_ends_with_its_code_its_exit_handlers_run_and_output_flushed(
+    params, code, said
+):
+    """`cli.end`: the process ends inside `main` (no interpreter teardown), after the exit
+    handlers, with what it printed to a pipe (block-buffered) flushed."""
+    script = (
+        "import atexit, sys; atexit.register(print, 'exit handler ran'); "
+        f"sys.argv = ['qlora-pipeline', '--params', {params!r}, 'gate']; "
+        "from qlora_pipeline.cli import main; main(); print('after main')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == code
+    assert said in proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == "exit handler ran"
+    assert "after main" not in proc.stdout
+
+
 def test_the_schedule_is_validated_with_one_line_naming_file_and_key(tmp_path):
     from pipelines.serve import load_schedule
 

@@ -127,3 +127,37 @@ def test_the_committed_lock_records_the_stages_of_dvc_yaml_and_no_others():
 
     locked = set(yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"])
     assert locked == {name for name, _ in stage_order(ROOT)}
+
+
+def test_flow_runs_on_the_temporary_server_send_no_heartbeats(tmp_path):
+    """`api.TEMPORARY_SETTINGS`: heartbeats let a server tell a crashed flow run, and the
+    temporary one ends with the command. A flow run on it runs with them off (Prefect then
+    starts no heartbeat thread, whose join held the run's end up to 1 s); after `stop`, and on
+    your server (PREFECT_API_URL), Prefect's default."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import prefect_home
+
+    script = (
+        "from pipelines import api\n"
+        "api.start(); api.ready()\n"
+        "from prefect import flow\n"
+        "from prefect.settings import get_current_settings\n"
+        "@flow\n"
+        "def probe():\n"
+        "    return get_current_settings().flows.heartbeat_frequency\n"
+        "frequency = probe()\n"
+        "api.stop()\n"
+        "print(frequency, get_current_settings().flows.heartbeat_frequency)\n"
+    )
+    home = tmp_path / ".prefect"
+    shutil.copytree(prefect_home(), home)
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "180"]  # off for the command's flow runs only

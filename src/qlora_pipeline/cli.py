@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from qlora_pipeline.errors import ERROR_FILE_ENV, WRITE_ERRNOS, PipelineError
 from qlora_pipeline.modeling.plan import KNOWN as KNOWN_SHAPES
@@ -409,6 +411,25 @@ def _pin_hash_seed(argv: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line `argv` (None: this process' own, which then ends here, `end`)."""
+    code = _command(argv)
+    if argv is None:
+        end(code)
+    return code
+
+
+def end(code: int) -> NoReturn:
+    """End this process with `code` once its exit handlers ran (Prefect's log and event
+    workers drained, temporary folders removed) and its output is flushed, without the
+    interpreter's teardown of every module: after a run (Prefect, DVC, Hydra, matplotlib, ...)
+    that took about 1 s (benchmarks/bench_run_end.py)."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _command(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in STAGES:
         from qlora_pipeline.forkserver import delegate

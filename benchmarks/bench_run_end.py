@@ -1,0 +1,97 @@
+"""A warm no-op `qlora-pipeline run` as it runs and with each of two changes to its end undone,
+side by side in one invocation.
+
+  - `cli.end`: a command line ends with `os._exit` once its exit handlers ran and its output is
+    flushed, not with the interpreter's teardown of every module it imported. Undone, it exits
+    as Python does.
+  - `api.TEMPORARY_SETTINGS`: no flow-run heartbeats on the temporary server; Prefect's flow
+    engine joined its heartbeat thread, which sleeps in 1 s steps, at the end of every flow run.
+    Undone, Prefect's default (a heartbeat every 180 s).
+A warm no-op (every stage up to date) is where a run's fixed costs show alone; the same end is
+paid by every run. Each variant is its own `qlora-pipeline run` process in one scratch copy of
+this checkout (its outputs, DVC cache and Prefect database: run `make run` first), in rotating
+order over `--rounds` rounds after a warm-up round. Wall time from start to exit.
+
+Prints medians and each variant against the run as it is (mean paired difference in seconds,
+95% paired-bootstrap interval), writes benchmarks/results/run_end.json.
+
+    .venv/bin/python benchmarks/bench_run_end.py [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, write_results
+
+sys.path.insert(0, str(ROOT / "src"))
+AS_RUN = "as run"
+RUN = "from qlora_pipeline.cli import main; main()"
+VARIANTS = {  # `python -c <this> run`; None: `python -m qlora_pipeline run`
+    AS_RUN: None,
+    "teardown": f"from qlora_pipeline import cli; cli.end = sys.exit; {RUN}",
+    "heartbeats": f"from pipelines import api; api.TEMPORARY_SETTINGS.clear(); {RUN}",
+}
+
+
+def timed(variant: str, project: Path) -> float:
+    code = VARIANTS[variant]
+    how = ["-m", "qlora_pipeline"] if code is None else ["-c", f"import sys; {code}"]
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env["PYTHONPATH"] = str(project)  # `pipelines` as `python -m` finds it
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, *how, "run"], cwd=project, env=env, capture_output=True, text=True
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or "Running stage" in proc.stdout:
+        raise SystemExit(f"{variant}: not a warm no-op (exit {proc.returncode}):\n{proc.stderr}")
+    return wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6, help="runs per variant")
+    args = parser.parse_args()
+    if not (ROOT / "reports" / "metrics.json").is_file() or not (ROOT / "models").is_dir():
+        raise SystemExit("no outputs here: run `make run` first")
+
+    import numpy as np
+
+    from qlora_pipeline.reporting.stats import paired_difference
+
+    names = list(VARIANTS)
+    walls: dict[str, list[float]] = {v: [] for v in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        project = Path(tmp) / "project"
+        shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".venv", ".git"))
+        subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+        for v in names:  # warm-up: DVC hashes the copied outputs once
+            timed(v, project)
+        for r in range(args.rounds):
+            for v in names[r % len(names) :] + names[: r % len(names)]:
+                walls[v].append(timed(v, project))
+    base = np.array(walls[AS_RUN])
+    diffs = {v: paired_difference(np.array(walls[v]), base) for v in names if v != AS_RUN}
+    print(f"{'variant':<12}{'wall (median s)':>17}{'- as run (s)':>24}")
+    for v in names:
+        d = diffs.get(v)
+        vs = f"{d['estimate']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else ""
+        print(f"{v:<12}{statistics.median(walls[v]):>17.2f}{vs:>24}")
+    write_results(
+        ROOT / "benchmarks" / "results" / "run_end.json",
+        {"rounds": args.rounds, "wall_s": walls, "minus_as_run_s": diffs},
+    )
+
+
+if __name__ == "__main__":
+    main()
