@@ -83,6 +83,27 @@ def ready() -> None:
     named = {getattr(prefect.settings, k): v for k, v in TEMPORARY_SETTINGS.items()}
     _SERVER["settings"].enter_context(temporary_settings(named))
     _SERVER["ready"] = True
+    _release_stale_slots()
+
+
+def _release_stale_slots() -> None:
+    """Free every slot the database records as held. The server is this command's and no flow
+    has run on it yet, so those are a killed command's (SIGKILL, the OOM killer): their leases
+    lived in that command's server's memory and died with it, nothing would release them, and
+    the next run's first stage would wait for a slot for ever."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        for limit in client.read_global_concurrency_limits(limit=200):
+            if limit.active_slots:
+                freed = GlobalConcurrencyLimitUpdate(active_slots=0)
+                client.update_global_concurrency_limit(limit.name, freed)
+                print(
+                    f"note: freed {limit.active_slots} slot(s) of the concurrency limit "
+                    f"'{limit.name}' that a killed run held",
+                    file=sys.stderr,
+                )
 
 
 def _answering(proc: subprocess.Popen, url: str, log: Path) -> None:

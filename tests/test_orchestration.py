@@ -161,3 +161,51 @@ def test_flow_runs_on_the_temporary_server_send_no_heartbeats(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["None", "180"]  # off for the command's flow runs only
+
+
+def test_a_run_killed_holding_a_slot_does_not_block_the_next_one(tmp_path):
+    """SIGKILL a run while its first stage holds the slot: the checkout's Prefect database still
+    records the slot as held, and its lease lived in the killed run's temporary server. The next
+    run frees it, says so, and completes (it used to wait for the slot for ever)."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+
+    from conftest import run_cli
+
+    quick = [o for o in TWO_SLOTS if not o.startswith(("orchestration.", "train.max_steps"))]
+    quick.append("train.max_steps=20")  # one slot, the default
+    copy_project(tmp_path)
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "qlora_pipeline", "run", *quick],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its servers and stages too
+    )
+    assert first.stdout is not None
+    said = []
+    for line in first.stdout:
+        said.append(line)
+        if line.startswith("> qlora-pipeline bootstrap"):  # the stage holds the slot
+            break
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert said[-1].startswith("> qlora-pipeline bootstrap"), "".join(said)
+    db = sqlite3.connect(tmp_path / ".prefect" / "prefect.db")
+    held = db.execute("select active_slots from concurrency_limit_v2").fetchall()
+    db.close()
+    assert held == [(1,)]  # the fault: a slot nobody holds
+
+    again = run_cli(tmp_path, "-m", "qlora_pipeline", "run", *quick, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert (
+        "note: freed 1 slot(s) of the concurrency limit 'qlora-pipeline-heavy' that a killed "
+        "run held" in again.stderr
+    )
+    assert (tmp_path / "reports" / "metrics.json").is_file()
