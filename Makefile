@@ -8,7 +8,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_HOME ?= $(abspath .prefect)
 OVERRIDES ?=
 
-.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-packing bench-packing-long-tail bench-eval bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml bench-fork-gc clean
+.PHONY: setup run test test-fast lint format params lock check-reference bench bench-train bench-packing bench-packing-long-tail bench-eval bench-gpu bench-quant bench-e2e bench-prepare bench-cpu-kernels bench-stage-startup bench-dvc-yaml bench-fork-dvc bench-run-end bench-first-stage clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,7 +42,7 @@ check-reference: run ## after `make run`: the committed reference run must be re
 	git diff --exit-code --stat -- dvc.lock reports/metrics.json reports/summary.json reports/scores.csv
 	@echo "reference run reproduced: dvc.lock and reports/metrics.json unchanged"
 
-bench: bench-quant bench-train bench-packing bench-eval bench-e2e bench-dvc-yaml bench-fork-gc bench-prepare ## every benchmark of benchmarks/RESULTS.md
+bench: bench-quant bench-train bench-packing bench-eval bench-e2e bench-dvc-yaml bench-fork-dvc bench-run-end bench-prepare ## every benchmark of benchmarks/RESULTS.md
 
 bench-train: run ## pipeline QLoRA/LoRA vs the stock Trainer+PEFT+bitsandbytes recipe, side by side
 	$(BIN)/python benchmarks/bench_train.py
@@ -79,8 +79,14 @@ bench-stage-startup: setup ## stage commands in their own process vs in the flow
 bench-dvc-yaml: setup ## DVC's per-stage YAML parsing with ruamel's C parser vs pure Python, side by side
 	$(BIN)/python benchmarks/bench_dvc_yaml.py
 
-bench-fork-gc: run ## DVC's time around a stage in the fork server, its objects frozen out of the gc vs not, side by side
-	$(BIN)/python benchmarks/bench_fork_gc.py
+bench-fork-dvc: run ## DVC's time around a stage in the fork server, as it runs and with its preparations for DVC undone, side by side
+	$(BIN)/python benchmarks/bench_fork_dvc.py
+
+bench-run-end: run ## a warm no-op run as it ends and with its fast exit or Prefect's heartbeats undone, side by side
+	$(BIN)/python benchmarks/bench_run_end.py
+
+bench-first-stage: setup ## a fresh clone's start to its first stage, as it runs and with two changes tried (not kept), side by side
+	$(BIN)/python benchmarks/bench_first_stage.py
 
 bench-prepare: setup ## time the prepare step on 100k generated rows (prints a table)
 	$(BIN)/python benchmarks/bench_prepare.py
