@@ -28,7 +28,6 @@ import argparse
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 from bench_e2e import checkout
-from common import ROOT, write_results
+from common import ROOT, project_env, seconds_against, side_by_side, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 AS_RUN = "as run"
@@ -62,14 +61,11 @@ FIRST = "> qlora-pipeline bootstrap"
 def to_first_stage(variant: str, project: Path, limit_s: float = 120) -> float:
     code = VARIANTS[variant]
     how = ["-m", "qlora_pipeline"] if code is None else ["-c", f"import sys; {code}"]
-    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONUNBUFFERED": "1"}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env["PYTHONPATH"] = str(project)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, *how, "run"],
         cwd=project,
-        env=env,
+        env=project_env(project),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -94,26 +90,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="runs per variant")
     args = parser.parse_args()
 
-    import numpy as np
-
-    from qlora_pipeline.reporting.stats import paired_difference
-
-    names = list(VARIANTS)
-    walls: dict[str, list[float]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as tmp:
         project = checkout(Path(tmp) / "clone")
-        for v in names:  # warm-up: Prefect's database, the bytecode
-            to_first_stage(v, project)
-        for r in range(args.rounds):
-            for v in names[r % len(names) :] + names[: r % len(names)]:
-                walls[v].append(to_first_stage(v, project))
-    base = np.array(walls[AS_RUN])
-    diffs = {v: paired_difference(np.array(walls[v]), base) for v in names if v != AS_RUN}
-    print(f"{'variant':<30}{'to the first stage (median s)':>31}{'- as run (s)':>24}")
-    for v in names:
-        d = diffs.get(v)
-        vs = f"{d['estimate']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else ""
-        print(f"{v:<30}{statistics.median(walls[v]):>31.2f}{vs:>24}")
+        # the warm-up run of each also makes Prefect's database and the bytecode
+        walls = side_by_side(list(VARIANTS), args.rounds, lambda v: to_first_stage(v, project))
+    diffs = seconds_against(walls, AS_RUN)
     write_results(
         ROOT / "benchmarks" / "results" / "first_stage.json",
         {"rounds": args.rounds, "to_first_stage_s": walls, "minus_as_run_s": diffs},

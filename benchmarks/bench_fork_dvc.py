@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, paired_ratio, scratch_copy, write_results
+from common import ROOT, paired_ratio, scratch_copy, side_by_side, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 STAGE = "quant-report"
@@ -108,7 +108,6 @@ def main() -> None:
     runtime = load_params(ROOT / "params.yaml").runtime
     pinned = pins(runtime.cpu_kernels, runtime.threads)
     names = list(VARIANTS)
-    runs: dict[str, list[dict[str, float]]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as sockets:
         project = Path(tmp)
         scratch_copy(project)
@@ -116,12 +115,8 @@ def main() -> None:
         shutil.copytree(ROOT / "models/base", project / "models/base")
         subprocess.run(["git", "init", "-q"], cwd=project, check=True)
         servers = {v: server(v, Path(sockets), pinned) for v in names}
-        try:
-            for v in names:  # warm-up: the servers' imports, DVC's state database
-                repro(servers[v][1], project)
-            for r in range(args.rounds):
-                for v in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
-                    runs[v].append(repro(servers[v][1], project))
+        try:  # the warm-up: the servers' imports, DVC's state database
+            runs = side_by_side(names, args.rounds, lambda v: repro(servers[v][1], project))
         finally:
             for proc, _ in servers.values():
                 proc.terminate()

@@ -21,16 +21,14 @@ Prints medians and each variant against the run as it is (mean paired difference
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, write_results
+from common import ROOT, project_env, seconds_against, side_by_side, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 AS_RUN = "as run"
@@ -45,12 +43,13 @@ VARIANTS = {  # `python -c <this> run`; None: `python -m qlora_pipeline run`
 def timed(variant: str, project: Path) -> float:
     code = VARIANTS[variant]
     how = ["-m", "qlora_pipeline"] if code is None else ["-c", f"import sys; {code}"]
-    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
-    env["PYTHONPATH"] = str(project)  # `pipelines` as `python -m` finds it
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, *how, "run"], cwd=project, env=env, capture_output=True, text=True
+        [sys.executable, *how, "run"],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
     )
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or "Running stage" in proc.stdout:
@@ -65,28 +64,13 @@ def main() -> None:
     if not (ROOT / "reports" / "metrics.json").is_file() or not (ROOT / "models").is_dir():
         raise SystemExit("no outputs here: run `make run` first")
 
-    import numpy as np
-
-    from qlora_pipeline.reporting.stats import paired_difference
-
-    names = list(VARIANTS)
-    walls: dict[str, list[float]] = {v: [] for v in names}
     with tempfile.TemporaryDirectory() as tmp:
         project = Path(tmp) / "project"
         shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".venv", ".git"))
         subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-        for v in names:  # warm-up: DVC hashes the copied outputs once
-            timed(v, project)
-        for r in range(args.rounds):
-            for v in names[r % len(names) :] + names[: r % len(names)]:
-                walls[v].append(timed(v, project))
-    base = np.array(walls[AS_RUN])
-    diffs = {v: paired_difference(np.array(walls[v]), base) for v in names if v != AS_RUN}
-    print(f"{'variant':<12}{'wall (median s)':>17}{'- as run (s)':>24}")
-    for v in names:
-        d = diffs.get(v)
-        vs = f"{d['estimate']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else ""
-        print(f"{v:<12}{statistics.median(walls[v]):>17.2f}{vs:>24}")
+        # the warm-up run of each also has DVC hash the copied outputs once
+        walls = side_by_side(list(VARIANTS), args.rounds, lambda v: timed(v, project))
+    diffs = seconds_against(walls, AS_RUN)
     write_results(
         ROOT / "benchmarks" / "results" / "run_end.json",
         {"rounds": args.rounds, "wall_s": walls, "minus_as_run_s": diffs},

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def scratch_copy(dst: Path) -> None:
@@ -53,3 +56,50 @@ def paired_ratio(a: Any, b: Any) -> dict[str, float]:
 
     d = paired_difference(np.log(a), np.log(b))
     return {k: math.exp(v) for k, v in d.items()} | {"cycles": len(a)}
+
+
+def side_by_side(names: list[str], rounds: int, measure: Callable[[str], T]) -> dict[str, list[T]]:
+    """`measure(name)` for each variant once as a warm-up (dropped), then in `rounds` rounds, the
+    order rotating so that each variant goes first as often (the machine's drift hits all)."""
+    for name in names:
+        measure(name)
+    runs: dict[str, list[T]] = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            runs[name].append(measure(name))
+    return runs
+
+
+def seconds_against(walls: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """Each variant's mean paired difference to `base` in seconds, with a 95% paired-bootstrap
+    interval (`reporting.stats.paired_difference`), and a table of them with the medians."""
+    import statistics
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from qlora_pipeline.reporting.stats import paired_difference
+
+    diffs = {
+        v: paired_difference(np.array(w), np.array(walls[base]))
+        for v, w in walls.items()
+        if v != base
+    }
+    width = max(len(v) for v in walls) + 2
+    print(f"{'variant':<{width}}{'median (s)':>12}{f'- {base} (s)':>26}")
+    for v, w in walls.items():
+        d = diffs.get(v)
+        vs = f"{d['estimate']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]" if d else ""
+        print(f"{v:<{width}}{statistics.median(w):>12.2f}{vs:>26}")
+    return diffs
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """The environment `qlora-pipeline` runs with in the scratch checkout `project`: its own
+    PREFECT_HOME, this interpreter's bin folder first on PATH, the checkout's `pipelines` first on
+    the import path (as `python -m` finds it from there, `python -c` too)."""
+    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect"), "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    env["PYTHONPATH"] = str(project)
+    return env
