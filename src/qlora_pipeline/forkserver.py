@@ -260,11 +260,11 @@ def serve(path: str, pinned: str) -> None:
         importlib.import_module(name)
     from qlora_pipeline.tracking import dvc_cli
 
-    dvc_cli.warm()  # DVC's modules, its parser
+    dvc_cli.warm()  # DVC's modules, its parser, its lock fast path
     # The imports' objects (~600,000) leave the garbage collector's care, as Python's docs advise
     # before forking: every full collection in a child walked them all (and wrote to the pages
-    # they sit on). DVC's work around a stage in a child: 1.37 s, 0.88 s frozen
-    # (benchmarks/bench_fork_gc.py).
+    # they sit on). DVC's work around a stage in a child: 1.37 s, 0.88 s frozen (2026-12-02);
+    # since `warm`, 4% (benchmarks/bench_fork_dvc.py).
     gc.freeze()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)

@@ -10,7 +10,7 @@
 
 In the fork server, `warm` does once, before any child, what each `dvc` child would do again:
 import the modules DVC imports only as it runs and build DVC's (cached) argument parser
-(benchmarks/bench_dvc_child.py).
+(benchmarks/bench_fork_dvc.py).
 """
 
 from __future__ import annotations
