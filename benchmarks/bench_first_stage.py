@@ -35,35 +35,31 @@ import time
 from pathlib import Path
 
 from bench_e2e import checkout
-from common import ROOT, project_env, seconds_against, side_by_side, write_results
+from common import ROOT, cli_run, project_env, seconds_against, side_by_side, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 AS_RUN = "as run"
-RUN = "from qlora_pipeline.cli import main; main()"
-VARIANTS = {  # `python -c <this> run`; None: `python -m qlora_pipeline run`
+VARIANTS = {  # what each variant runs first (`common.cli_run`); None: the CLI as it is
     AS_RUN: None,
     "server niced": (
         "import os; from pipelines import api; start = api.start; "
-        "api.start = lambda: (start(), os.setpriority(os.PRIO_PROCESS, api._SERVER['proc'].pid, 10)); "
-        + RUN
+        "api.start = lambda: (start(), os.setpriority(os.PRIO_PROCESS, api._SERVER['proc'].pid, 10))"
     ),
     "fork server before composing": (
         "from pipelines import checks; from qlora_pipeline.forkserver import start_early; "
         "from qlora_pipeline.config.schema import load_params; prelaunch = checks.prelaunch; "
         "r = load_params('params.yaml').runtime; "
         "checks.prelaunch = lambda root, o: (start_early(r.cpu_kernels, r.threads), "
-        "prelaunch(root, o))[1]; " + RUN
+        "prelaunch(root, o))[1]"
     ),
 }
 FIRST = "> qlora-pipeline bootstrap"
 
 
 def to_first_stage(variant: str, project: Path, limit_s: float = 120) -> float:
-    code = VARIANTS[variant]
-    how = ["-m", "qlora_pipeline"] if code is None else ["-c", f"import sys; {code}"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, *how, "run"],
+        cli_run(VARIANTS[variant]),
         cwd=project,
         env=project_env(project),
         stdout=subprocess.PIPE,

@@ -28,24 +28,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, project_env, seconds_against, side_by_side, write_results
+from common import ROOT, cli_run, project_env, seconds_against, side_by_side, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 AS_RUN = "as run"
-RUN = "from qlora_pipeline.cli import main; main()"
-VARIANTS = {  # `python -c <this> run`; None: `python -m qlora_pipeline run`
+VARIANTS = {  # what each variant runs first (`common.cli_run`); None: the CLI as it is
     AS_RUN: None,
-    "teardown": f"from qlora_pipeline import cli; cli.end = sys.exit; {RUN}",
-    "heartbeats": f"from pipelines import api; api.TEMPORARY_SETTINGS.clear(); {RUN}",
+    "teardown": "from qlora_pipeline import cli; cli.end = sys.exit",
+    "heartbeats": "from pipelines import api; api.TEMPORARY_SETTINGS.clear()",
 }
 
 
 def timed(variant: str, project: Path) -> float:
-    code = VARIANTS[variant]
-    how = ["-m", "qlora_pipeline"] if code is None else ["-c", f"import sys; {code}"]
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, *how, "run"],
+        cli_run(VARIANTS[variant]),
         cwd=project,
         env=project_env(project),
         capture_output=True,

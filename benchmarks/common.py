@@ -103,3 +103,12 @@ def project_env(project: Path) -> dict[str, str]:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     env["PYTHONPATH"] = str(project)
     return env
+
+
+def cli_run(patch: str | None) -> list[str]:
+    """`qlora-pipeline run` as `python -m qlora_pipeline run`, or with `patch` (Python statements
+    that undo or try a change) executed first: `python -c "<patch>; <the CLI's main>" run`."""
+    if patch is None:
+        return [sys.executable, "-m", "qlora_pipeline", "run"]
+    code = f"import sys; {patch}; from qlora_pipeline.cli import main; main()"
+    return [sys.executable, "-c", code, "run"]
