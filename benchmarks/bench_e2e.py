@@ -22,7 +22,6 @@ Prints a table and writes benchmarks/results/e2e.json.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,20 +29,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, scratch_copy, write_results
+from common import ROOT, cli_run, project_env, scratch_copy, write_results
 
 
 def timed_run(project: Path) -> tuple[float, dict[str, float]]:
     """The run's wall time and the wall time of each stage command it ran (its run records)."""
     records = project / "runs"
     before = {p: p.stat().st_mtime for p in records.glob("*.json")} if records.is_dir() else {}
-    env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "qlora_pipeline", "run"],
+        cli_run(None),
         cwd=project,
-        env=env,
+        env=project_env(project),
         capture_output=True,
         text=True,
     )

@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 
 from bench_e2e import checkout
-from common import ROOT, cli_run, project_env, seconds_against, side_by_side, write_results
+from common import AS_RUN, ROOT, cli_run, project_env, seconds_against, side_by_side, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
-AS_RUN = "as run"
 VARIANTS = {  # what each variant runs first (`common.cli_run`); None: the CLI as it is
     AS_RUN: None,
     "server niced": (

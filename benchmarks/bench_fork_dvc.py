@@ -34,11 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, paired_ratio, scratch_copy, side_by_side, write_results
+from common import AS_RUN, ROOT, paired_ratio, scratch_copy, side_by_side, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 STAGE = "quant-report"
-AS_RUN = "as run"
 SERVE = (
     "from qlora_pipeline.forkserver import serve; "
     "signal.signal(signal.SIGTERM, lambda *_: os._exit(0)); serve(sys.argv[1], sys.argv[2])"

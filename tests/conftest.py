@@ -94,20 +94,26 @@ def copy_project(dst: Path) -> None:
         shutil.copy2(template / name, dst / ".prefect" / name)
 
 
-def run_cli(
-    project: Path, *args: str, timeout: int = 600, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    env = {
+def cli_env(project: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a command runs with in `project`: its PREFECT_HOME, unbuffered output,
+    this interpreter's bin folder first on PATH; `env` on top."""
+    out = {
         **os.environ,
         "PREFECT_HOME": str(project / ".prefect"),
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
+    out["PATH"] = str(Path(sys.executable).parent) + os.pathsep + out["PATH"]
+    return out
+
+
+def run_cli(
+    project: Path, *args: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args],
         cwd=project,
-        env=env,
+        env=cli_env(project, env),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -172,17 +172,15 @@ def test_a_run_killed_holding_a_slot_does_not_block_the_next_one(tmp_path):
     import subprocess
     import sys
 
-    from conftest import run_cli
+    from conftest import cli_env, run_cli
 
     quick = [o for o in TWO_SLOTS if not o.startswith(("orchestration.", "train.max_steps"))]
     quick.append("train.max_steps=20")  # one slot, the default
     copy_project(tmp_path)
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / ".prefect"), "PYTHONUNBUFFERED": "1"}
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env["PATH"]
     first = subprocess.Popen(
         [sys.executable, "-m", "qlora_pipeline", "run", *quick],
         cwd=tmp_path,
-        env=env,
+        env=cli_env(tmp_path),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
