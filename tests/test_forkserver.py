@@ -34,6 +34,13 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
 def _stage(project: Path, address: str | None, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_HOME": str(project / ".prefect")}
     env.pop(ENV, None)
@@ -93,6 +100,70 @@ def test_a_killed_stage_command_takes_its_child_with_it(project):
     assert not (project / "models/base").exists()  # nothing half-written under the final name
 
 
+@pytest.mark.slow
+def test_a_killed_dvc_request_takes_dvc_and_the_stage_command_with_it(project):
+    """SIGKILL the process that asked the server for `dvc repro` (a flow's stage task) while
+    the stage command computes in its fork of DVC's child: both children end, nothing is left."""
+    from qlora_pipeline.tracking.dvc import stage_env
+
+    assert run_cli(project, "-m", "qlora_pipeline", "compose", *TINY).returncode == 0  # 600 steps
+    with serving("avx2", 2) as address:
+        server = int(address.split("@")[1])
+        ask = (
+            "import os, sys; from qlora_pipeline.forkserver import dvc; "
+            "sys.exit(dvc(sys.argv[1], ['repro', '--single-item', 'bootstrap'], os.getcwd(), "
+            "dict(os.environ), True))"
+        )
+        env = stage_env({ENV: address, "PREFECT_HOME": str(project / ".prefect")})
+        asking = subprocess.Popen([sys.executable, "-c", ask, address], cwd=project, env=env)
+        deadline = time.monotonic() + 120
+        while not any(_children(c) for c in _children(server)):
+            assert asking.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        (dvc_child,) = _children(server)
+        (command,) = _children(dvc_child)
+        time.sleep(3)  # well into pre-training
+        asking.send_signal(signal.SIGKILL)
+        asking.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _cmdline(command) or _cmdline(dvc_child):
+            assert time.monotonic() < deadline, "DVC's child or its command outlived the request"
+            time.sleep(0.1)
+    assert not (project / "models/base").exists()  # nothing half-written under the final name
+
+
+def test_only_a_plain_qlora_pipeline_command_runs_in_a_fork_of_dvc(tmp_path, monkeypatch):
+    from qlora_pipeline import forkserver
+    from qlora_pipeline.tracking.dvc_cli import own_command
+
+    assert own_command("qlora-pipeline train qlora --seed 0") == ["train", "qlora", "--seed", "0"]
+    assert own_command("qlora-pipeline evaluate 'a b'") == ["evaluate", "a b"]
+    for shell in (
+        "qlora-pipeline report && echo done",
+        "qlora-pipeline report > out.txt",
+        "qlora-pipeline train $METHOD",
+        "qlora-pipeline evaluate *",
+        "python -m qlora_pipeline report",
+        "qlora-pipeline",
+        "qlora-pipeline 'unclosed",
+    ):
+        assert own_command(shell) is None, shell
+
+    params = tmp_path / "params.yaml"
+    params.write_text("runtime: {cpu_kernels: native, threads: 2}\n")
+    served = {ENV: f"avx2/2@{os.getppid()}@{tmp_path / 'socket'}"}
+    monkeypatch.setattr(forkserver, "_SERVING", None)
+    assert forkserver.command_here(["report"], str(tmp_path), served) is None  # not in a server
+    monkeypatch.setattr(forkserver, "_SERVING", "avx2/2")
+    assert forkserver.command_here(["report"], str(tmp_path), {}) is None  # no server named
+    other = {ENV: f"avx2/2@{os.getpid()}@{tmp_path / 'socket'}"}
+    assert forkserver.command_here(["report"], str(tmp_path), other) is None  # another server
+    assert forkserver.command_here(["report"], str(tmp_path), served) is None  # pinned otherwise
+    params.write_text("runtime: {cpu_kernels: avx2, threads: 2}\n")
+    assert forkserver.command_here(["no-such-stage"], str(tmp_path), served) is None  # its error
+    assert forkserver.command_here(["compose"], str(tmp_path), served) is None  # not a stage
+
+
 def test_the_command_and_dvc_run_themselves_when_no_server_can_serve_them(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
     params.write_text("runtime: {cpu_kernels: avx2, threads: 2}\n")
@@ -142,12 +213,14 @@ def test_dvc_runs_in_a_child_of_the_server_as_a_dvc_process_would(project, capfd
             target=lambda: codes.append(dvc(address, argv, str(project), env, True))
         )
         run.start()
-        most = 0
+        commands: set[str] = set()  # what DVC's child ran the stage command in
         while run.is_alive():
-            most = max(most, len(_children(server)))
+            for child in _children(server):
+                commands.update(_cmdline(c) for c in _children(child))
             time.sleep(0.05)
         assert codes == [0]
-        assert most == 2  # DVC in one child, the stage command it ran in another
+        commands.discard("")  # one that ended as it was read
+        assert commands == {_cmdline(server)}  # a fork of DVC's child: no shell, no new program
         assert capfd.readouterr().out == ""  # quiet
         assert "bootstrap" not in changed_stages(project)  # DVC recorded it in dvc.lock
         assert json.loads((project / "runs/bootstrap.json").read_text())["forked"] is True

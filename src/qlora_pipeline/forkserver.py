@@ -12,7 +12,11 @@ that runs the command with them and sends back its exit status:
 
 `dvc repro` itself runs in a child of the server too (`dvc`): DVC is imported there, where a `dvc`
 process spent ~0.4 s a stage starting. Each child is a process of its own, so DVC's repository
-lock works between two stages side by side as between two `dvc` processes.
+lock works between two stages side by side as between two `dvc` processes. That child runs the
+stage command `qlora-pipeline ...` in a fork of itself (`command_here`), not through a shell and a
+new interpreter that would hand it to the server (0.07 s a stage, benchmarks/bench_fork_dvc.py):
+
+    flow -> server: fork -> child runs `dvc repro` -> fork -> grandchild runs `train`
 
 A child is a copy of a process that has imported the libraries and run no math, so it computes
 the same bytes a fresh process does (the committed reference run is reproduced with it, in CI).
@@ -62,6 +66,7 @@ PRELOAD = (
     "qlora_pipeline.reporting.report",
 )
 _STATUS = struct.Struct("!i")
+_SERVING: str | None = None  # in the server and its children: the pins it serves
 
 
 def pins(cpu_kernels: str, threads: int) -> str:
@@ -173,35 +178,97 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> int:
     signal.set_wakeup_fd(-1)  # the server's own handlers are not the stage's
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
     for fd in fds:
         if fd > 2:
             os.close(fd)
-    threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
-    argv = list(request["argv"])
+    return _run(conn, request["program"], list(request["argv"]), request["cwd"], request["env"])
+
+
+def _run(watch: socket.socket, program: str, argv: list[str], cwd: str, env: dict) -> int:
+    """In a forked child: run `program` (qlora-pipeline or dvc) with `argv` in `cwd` with `env`,
+    dying with whoever holds the other end of `watch`; its exit status."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=_die_with_client, args=(watch,), daemon=True).start()
     os.environ.clear()
-    os.chdir(request["cwd"])
-    if request["program"] == "dvc":
+    os.chdir(cwd)
+    if program == "dvc":
         # its environment as given: the stage commands it runs find the server there
-        os.environ.update(request["env"])
-        sys.argv = ["dvc", *argv]
-        from qlora_pipeline.tracking.dvc_cli import main as program
-    else:
-        env = {k: v for k, v in request["env"].items() if k != ENV}
-        env["PYTHONHASHSEED"] = "0"  # what this process runs with (the server was started so)
         os.environ.update(env)
+        sys.argv = ["dvc", *argv]
+        from qlora_pipeline.tracking.dvc_cli import main as entry
+    else:
+        os.environ.update({k: v for k, v in env.items() if k != ENV})
+        os.environ["PYTHONHASHSEED"] = "0"  # as this process runs (the server was started so)
         sys.argv = ["qlora-pipeline", *argv]
-        from qlora_pipeline.cli import main as program
+        from qlora_pipeline.cli import main as entry
         from qlora_pipeline.tracking.perf import note
 
         note(forked=True)  # in the stage's record
     try:
-        code = program(argv)
+        code = entry(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return code
+
+
+def _served_params(argv: list[str]) -> str | None:
+    """The params.yaml a stage command `qlora-pipeline <argv>` reads; None when its arguments do
+    not parse (it reports them itself)."""
+    import io
+
+    from qlora_pipeline.cli import STAGES, _parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = _parser().parse_args(argv)
+    except SystemExit:
+        return None
+    return args.params if args.command in STAGES else None
+
+
+def command_here(argv: list[str], cwd: str, env: dict[str, str]) -> int | None:
+    """In a `dvc` child of the server: run the stage command `qlora-pipeline <argv>` that DVC is
+    about to start through a shell in a fork of this process, as the server would run it, without
+    the shell, a new interpreter and a request to the server (~0.07 s a stage). It dies with this
+    process. Its exit status, or None when the server would not serve it (`delegate`): no server
+    in `env`, another server's, or params pinned otherwise; DVC then starts it as before."""
+    pinned, server, _ = (env.get(ENV) or "@0@").split("@", 2)
+    if _SERVING is None or (pinned, server) != (_SERVING, str(os.getppid())):
+        return None  # no server, or not the one this process is a child of
+    params = _served_params(argv)
+    if params is None or _params_pins(os.path.join(cwd, params)) != _SERVING:
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    watch, hold = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            hold.close()
+            gc.freeze()  # DVC's objects too, as the server froze its imports' (`serve`)
+            code = _run(watch, "qlora-pipeline", argv, cwd, env)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    watch.close()
+    # as DVC waits for a command: Ctrl-C reaches the command, which ends; DVC then reports it
+    ignore = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignore else None
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        hold.close()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
 
 
 def _spawn(conn: socket.socket, listener: socket.socket) -> int | None:
@@ -252,6 +319,8 @@ def serve(path: str, pinned: str) -> None:
     the process that started it (the flow) is gone or it is terminated."""
     from qlora_pipeline.runtime import pin_cpu, setup_logging
 
+    global _SERVING
+    _SERVING = pinned
     parent = os.getppid()
     cpu_kernels, threads = pinned.split("/")
     setup_logging()  # quiets the libraries' import-time noise, in the children too
@@ -371,4 +440,7 @@ if __name__ == "__main__":
     # nothing to write or flush: ending the interpreter (torch, transformers, ... loaded) took 2 s
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the stages themselves
-    serve(sys.argv[1], sys.argv[2])
+    # the importable module, not this `__main__` copy: its children import it (`command_here`)
+    from qlora_pipeline.forkserver import serve as serve_here
+
+    serve_here(sys.argv[1], sys.argv[2])

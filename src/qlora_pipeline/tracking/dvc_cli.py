@@ -10,7 +10,8 @@
 
 In the fork server, `warm` does once, before any child, what each `dvc` child would do again:
 import the modules DVC imports only as it runs and build DVC's (cached) argument parser
-(benchmarks/bench_fork_dvc.py).
+(benchmarks/bench_fork_dvc.py). There, too, a stage command `qlora-pipeline ...` runs in a fork of
+the `dvc` child (`commands_in_fork`), not through a shell and a new interpreter.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -77,14 +79,53 @@ def lock_fast_path() -> None:
         dvc.dvcfile.modify_yaml = modify_yaml
 
 
+def own_command(cmd: str) -> list[str] | None:
+    """The arguments of a stage command that is exactly `qlora-pipeline <arguments>`, which a shell
+    would pass on unchanged (no expansion, redirection, pipes or lists); else None."""
+    try:
+        words = shlex.split(cmd)
+    except ValueError:
+        return None
+    if len(words) < 2 or words[0] != "qlora-pipeline" or shlex.join(words) != cmd.strip():
+        return None
+    return words[1:]
+
+
+def commands_in_fork() -> None:
+    """Have DVC run a stage command `qlora-pipeline <arguments>` in a fork of this process (a
+    child of the fork server: `forkserver.command_here`), not through a shell that starts a new
+    interpreter which hands it to the server; any other command, or one the server would not
+    serve, as before. Idempotent."""
+    import dvc.stage.run
+    from dvc.stage.exceptions import StageCmdFailedError
+
+    from qlora_pipeline.forkserver import command_here
+
+    spawn: Callable[..., None] = dvc.stage.run._run
+
+    def _run(executable: str | None, cmd: str, **kwargs: Any) -> None:
+        argv = own_command(cmd)
+        code = None if argv is None else command_here(argv, kwargs["cwd"], kwargs["env"])
+        if code is None:
+            return spawn(executable, cmd, **kwargs)
+        if code != 0:
+            raise StageCmdFailedError(cmd, code)
+        return None
+
+    if spawn.__module__ == "dvc.stage.run":  # DVC's own, not already this one
+        dvc.stage.run._run = _run
+
+
 def warm() -> None:
-    """What every `dvc` child would do on its own, done once in the fork server."""
+    """What every `dvc` child would do on its own, done once in the fork server; and its children
+    run stage commands in forks of themselves (`commands_in_fork`)."""
     from dvc.cli.parser import get_main_parser
 
     for name in IMPORTS:
         importlib.import_module(name)
     get_main_parser()  # lru-cached by DVC
     lock_fast_path()
+    commands_in_fork()
 
 
 def main(argv: list[str]) -> int:
