@@ -8,15 +8,19 @@ in one variant:
     the imports made (and writes to their pages);
   - `dvc_cli.warm()`: the modules DVC imports only as it runs, its argument parser, and dvc.lock
     read with the safe C parser when DVC rewrites it (`dvc_cli.lock_fast_path`). Undone, the
-    server imports what it imported before and the children read dvc.lock round trip.
+    server imports what it imported before and the children read dvc.lock round trip;
+  - `dvc_cli.commands_in_fork()`: DVC's child runs the stage command in a fork of itself. Undone
+    ("via a shell"), it starts it as DVC does, through a shell, as a new `qlora-pipeline`
+    interpreter that hands it to the server (`forkserver.delegate`).
 Real fork servers, one per variant, each run `dvc repro --force --single-item quant-report` (its
 command in the same server, as in a flow run) in a scratch copy of the project (the committed
 dvc.lock, `models/base` from this checkout: run `make run` first), alternating in rounds. DVC's
 time is the request's wall time less the command's own (its run record): DVC's work around it
 (collecting the stage, hashing, the run cache, rewriting dvc.lock) and the command's start.
 
-Prints medians and each variant against the server as it runs (geometric mean over rounds, 95%
-paired-bootstrap interval), writes benchmarks/results/fork_dvc.json.
+Prints medians and each variant against the server as it runs, DVC's time and the command's own
+(geometric mean over rounds, 95% paired-bootstrap interval), writes
+benchmarks/results/fork_dvc.json.
 
     .venv/bin/python benchmarks/bench_fork_dvc.py [--rounds 6]
 """
@@ -54,6 +58,10 @@ VARIANTS = {  # how each server starts: `python -c <this> SOCKET PINNED`
         "import importlib; from qlora_pipeline.tracking import dvc_cli; "
         "dvc_cli.lock_fast_path = lambda: None; "
         f"dvc_cli.warm = lambda: [importlib.import_module(m) for m in {IMPORTED_BEFORE!r}.split()]"
+        " + [dvc_cli.commands_in_fork()]"
+    ),
+    "via a shell": (
+        "from qlora_pipeline.tracking import dvc_cli; dvc_cli.commands_in_fork = lambda: None"
     ),
 }
 
@@ -122,18 +130,26 @@ def main() -> None:
                 proc.wait()
     keys = ("dvc", "command")
     med = {v: {k: statistics.median(x[k] for x in runs[v]) for k in keys} for v in names}
-    ratios = {
-        v: paired_ratio(
-            np.array([x["dvc"] for x in runs[v]]), np.array([x["dvc"] for x in runs[AS_RUN]])
-        )
-        for v in names
-        if v != AS_RUN
+    ratios = {  # each variant against the server as run, DVC's time and the command's
+        k: {
+            v: paired_ratio(
+                np.array([x[k] for x in runs[v]]), np.array([x[k] for x in runs[AS_RUN]])
+            )
+            for v in names
+            if v != AS_RUN
+        }
+        for k in keys
     }
-    print(f"{'server':<12}{'DVC around the stage (s)':>26}{'its command (s)':>17}{'/ as run':>22}")
+
+    def vs(k: str, v: str) -> str:
+        r = ratios[k].get(v)
+        return f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r else ""
+
+    print(f"{'server':<13}{'DVC around the stage (s)':>26}{'/ as run':>20}", end="")
+    print(f"{'its command (s)':>17}{'/ as run':>20}")
     for v in names:
-        r = ratios.get(v)
-        vs = f"{r['estimate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]" if r else ""
-        print(f"{v:<12}{med[v]['dvc']:>26.2f}{med[v]['command']:>17.2f}{vs:>22}")
+        print(f"{v:<13}{med[v]['dvc']:>26.2f}{vs('dvc', v):>20}", end="")
+        print(f"{med[v]['command']:>17.2f}{vs('command', v):>20}")
     write_results(
         ROOT / "benchmarks" / "results" / "fork_dvc.json",
         {
