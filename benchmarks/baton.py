@@ -1,11 +1,12 @@
 """The baton harness of the training benchmarks: variants side by side, one training at a time.
 
-Each variant is its own process (peak RSS only grows within a process). They live side by side but
-only one trains at a time: it holds a baton, passed round by `race` every `block` steps (cycles,
+Each variant runs in processes of its own (peak RSS only grows within a process). They live side
+by side but only one trains at a time: it holds a baton, passed round by `race` every `block` steps (cycles,
 every other one in reverse order), and a block's time counts only while its variant holds it. So
 this machine's drift in speed, which moves one variant's step time by up to 25% within minutes,
 hits all of them alike block by block, and ratios can be taken per cycle, paired
-(`common.paired_ratio`).
+(`common.replicated_ratio`). Each variant runs in several processes (`--replicas`): a process'
+own speed, which all its cycles share, then shows in the intervals too.
 
 A variant runs the pipeline's own training (`qlora_pipeline.training.train.train`, as the train
 stage runs it) or the stock recipe (transformers' Trainer + PEFT + bitsandbytes as their docs show
@@ -20,9 +21,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 from common import ROOT
 
 CHILD = r"""
@@ -151,15 +154,16 @@ print("RESULT " + json.dumps(result))
 
 
 class Variant:
-    """One variant's process: it loads, then trains a block of steps each time it is handed the
-    baton (`run_block`), and reports the block. `name`: "<label> <method>", e.g. "stock qlora"."""
+    """One process of a variant: it loads, then trains a block of steps each time it is handed
+    the baton (`run_block`), and reports the block. `name`: "<label> <method>", e.g. "stock
+    qlora"; `replica`: which of the variant's processes."""
 
     def __init__(
-        self, name: str, recipe: str, given: dict, steps: int, block: int, work: Path
+        self, name: str, recipe: str, given: dict, steps: int, block: int, work: Path, replica: int
     ) -> None:
         method = name.split()[-1]
         self.name, self.blocks, self.ended = name, [], False
-        self.dir = work / name.replace(" ", "-")
+        self.dir = work / f"{name.replace(' ', '-')}-{replica}"
         self.dir.mkdir()
         go_read, self.go = os.pipe()
         done, done_write = os.pipe()
@@ -202,30 +206,44 @@ class Variant:
         return json.loads(next(x for x in reversed(lines) if x.startswith("RESULT "))[7:])
 
 
-def race(specs: list[tuple[str, str, dict]], steps: int, block: int, work: Path) -> dict[str, dict]:
+def race(
+    specs: list[tuple[str, str, dict]], steps: int, block: int, work: Path, replicas: int = 1
+) -> dict[str, list[dict]]:
     """The variants `specs` (name, recipe: "pipeline" or "stock", what differs from the default
-    run: base, data, batch, r, checkpointing) side by side, passing the baton round every `block`
-    steps, every other cycle in reverse order; each variant's blocks and its process' result."""
-    variants = [Variant(name, recipe, given, steps, block, work) for name, recipe, given in specs]
+    run: base, data, batch, r, checkpointing), each in `replicas` processes, side by side, passing
+    the baton round every `block` steps, every other cycle in reverse order; per variant, each of
+    its processes' blocks and result."""
+    variants = [
+        Variant(name, recipe, given, steps, block, work, k)
+        for k in range(replicas)
+        for name, recipe, given in specs
+    ]
     try:
         cycle = 0
         while not all(v.ended for v in variants):
-            timed = [(v.name, v.run_block()) for v in (variants[:: -1 if cycle % 2 else 1])]
+            for v in variants[:: -1 if cycle % 2 else 1]:
+                v.run_block()
             cycle += 1
+            timed: dict[str, list[str]] = {name: [] for name, _, _ in specs}
+            for v in variants:
+                timed[v.name].append(f"{1000 * v.blocks[-1]['wall'] / v.blocks[-1]['steps']:.1f}")
             print(
                 f"cycle {cycle:3d} ms/step: "
-                + ", ".join(f"{n} {1000 * b['wall'] / b['steps']:.1f}" for n, b in sorted(timed))
+                + ", ".join(f"{n} {'/'.join(t)}" for n, t in timed.items())
             )
         for v in variants:  # the release: each saves and exits
             os.write(v.go, b"g")
-        return {v.name: {**v.result(), "blocks": v.blocks} for v in variants}
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in specs}
+        for v in variants:
+            runs[v.name].append({**v.result(), "blocks": v.blocks})
+        return runs
     finally:
         for v in variants:
             v.proc.kill()
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:
-    """A benchmark's command line with the harness' options: --steps and --block."""
+    """A benchmark's command line with the harness' options: --steps, --block, --replicas."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
     p.add_argument(
@@ -234,9 +252,28 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
         default=10,
         help="steps a variant trains each time it holds the baton (default %(default)s)",
     )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=3,
+        help="processes per variant: the intervals then include a process' own speed, which "
+        "all its cycles share (default %(default)s)",
+    )
     return p
 
 
 def timed(run: dict) -> list[dict]:
-    """A variant's blocks that count: all but the first cycle's (warm-up), unless it is the only one."""
+    """A process' blocks that count: all but the first cycle's (warm-up), unless it is the only one."""
     return run["blocks"][1:] if len(run["blocks"]) > 1 else run["blocks"]
+
+
+def per_cycle(runs: list[dict], value: Callable[[dict], float]) -> np.ndarray:
+    """`value` of each timed block of a variant's processes `runs`: an array [process, cycle]
+    (`common.replicated_ratio`)."""
+    return np.array([[value(b) for b in timed(run)] for run in runs])
+
+
+def total(runs: list[dict], key: str) -> float:
+    """A variant's `key` ("wall", "cpu", "steps", "tokens") summed over its processes' timed
+    blocks."""
+    return sum(b[key] for run in runs for b in timed(run))

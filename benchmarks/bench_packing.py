@@ -13,8 +13,9 @@ causal one). This measures it, for both arms:
 
 The data is prepared twice from the composed config (conf/, with the data overrides given), with
 the default run's base tokenizer; everything else is the default run's training (params.yaml). The
-variants run in the baton harness (`baton.py`): one process each, one training at a time, ratios
-per cycle with 95% paired-bootstrap intervals. Tokens/s counts non-padding tokens.
+variants run in the baton harness (`baton.py`): `--replicas` processes each, one training at a
+time, ratios per cycle with 95% two-stage bootstrap intervals over the cycles and the processes
+(`common.replicated_ratio`). Tokens/s counts non-padding tokens.
 
 Needs the base of the default run (`make run`). Prints a table and writes
 benchmarks/results/packing.json (or --out). On a long-tailed mix of the default data and GSM8K
@@ -32,8 +33,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from baton import parser, race, timed
-from common import ROOT, paired_ratio, write_results
+from baton import parser, per_cycle, race, total
+from common import ROOT, replicated_ratio, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -102,27 +103,28 @@ def main() -> None:
                 ("packed", {"data": str(work / "packed"), "batch": packed_batch}),
             )
         ]
-        runs = race(specs, args.steps, args.block, work)
+        runs = race(specs, args.steps, args.block, work, args.replicas)
 
     rows_out = {}
-    for v in runs:
-        b = timed(runs[v])
-        wall, steps, tokens = (sum(x[k] for x in b) for k in ("wall", "steps", "tokens"))
+    for v, procs in runs.items():
+        wall, steps, tokens = (total(procs, k) for k in ("wall", "steps", "tokens"))
         rows_out[v] = {
             "batch": packed_batch if v.startswith("packed") else batch,
             "step_ms": 1000 * wall / steps,
             "tokens_per_step": tokens / steps,
             "tokens_per_s": tokens / wall,
-            "peak_rss_mb": runs[v]["peak_rss_mb"],
-            "blocks": runs[v]["blocks"],
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in procs),
+            "blocks": [p["blocks"] for p in procs],
         }
 
     def speed(v: str, clock: str) -> np.ndarray:
-        return np.array([x["tokens"] / x[clock] for x in timed(runs[v])])
+        return per_cycle(runs[v], lambda x: x["tokens"] / x[clock])
 
     ratios = {
         clock: {
-            arm: paired_ratio(speed(f"packed {arm}", clock), speed(f"padded {arm}", clock))
+            arm: replicated_ratio(
+                [(1, speed(f"packed {arm}", clock)), (-1, speed(f"padded {arm}", clock))]
+            )
             for arm in ARMS
         }
         for clock in ("wall", "cpu")
@@ -141,7 +143,10 @@ def main() -> None:
             f"{r['tokens_per_s']:10.0f}"
         )
     n = ratios["wall"][ARMS[0]]["cycles"]
-    print(f"tokens/s, packed/padded, paired per cycle of {args.block} steps over {n} cycles:")
+    print(
+        f"tokens/s, packed/padded, paired per cycle of {args.block} steps over {n} cycles and "
+        f"{args.replicas} processes a variant:"
+    )
     for clock, by_arm in ratios.items():
         print(
             f"  {clock:4s} "
@@ -155,6 +160,7 @@ def main() -> None:
         {
             "steps": args.steps,
             "block": args.block,
+            "replicas": args.replicas,
             "overrides": args.overrides,
             "data": {
                 "name": padded["source"]["name"],

@@ -1,9 +1,10 @@
 """Training speed and memory: the pipeline's QLoRA and LoRA against a stock recipe, side by side.
 
-Four variants in the baton harness (`baton.py`): each in its own process (peak RSS only grows
-within a process), one training at a time, a baton passed round every `--block` steps, so this
-machine's drift in speed (up to 25% within minutes) hits all four alike block by block; the ratios
-are taken per cycle, paired, with bootstrap intervals over the cycles (the first, warm-up, left out):
+Four variants in the baton harness (`baton.py`): each in `--replicas` processes of its own (peak
+RSS only grows within a process), one training at a time, a baton passed round every `--block`
+steps, so this machine's drift in speed (up to 25% within minutes) hits all four alike block by
+block; the ratios are taken per cycle, paired, with two-stage bootstrap intervals over the cycles
+(the first, warm-up, left out) and the processes (`common.replicated_ratio`):
 
   pipeline qlora / lora  `qlora_pipeline.training.train.train` as the train stage runs it
                          (our Trainer subclass, collator, step log and probes)
@@ -25,7 +26,7 @@ Needs the base and prepared data of the default run (`make run`, or `dvc repro p
 table (totals over the timed blocks, paired ratios with intervals) and writes
 benchmarks/results/train.json.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 300] [--block 10]
+    .venv/bin/python benchmarks/bench_train.py [--steps 300] [--block 10] [--replicas 3]
 
 The GPU figures (`make bench-gpu`): `--shape llama-1b` or `llama-8b` trains a real-size
 random-init Llama of that shape on random rows of `--seq-len` tokens (no padding), batch
@@ -44,8 +45,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from baton import parser, race, timed
-from common import ROOT, paired_ratio, write_results
+from baton import parser, per_cycle, race, total
+from common import ROOT, replicated_ratio, write_results
 
 sys.path.insert(0, str(ROOT / "src"))
 from qlora_pipeline.modeling.plan import KNOWN
@@ -162,25 +163,23 @@ def main() -> None:
                 "checkpointing": args.checkpointing,
             }
         specs = [(v, v.split()[0], shape) for v in VARIANTS]
-        runs = race(specs, args.steps, args.block, Path(work))
+        runs = race(specs, args.steps, args.block, Path(work), args.replicas)
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if gpu and k in gpu), None)
 
-    def total(v: str, key: str) -> float:
-        return sum(b[key] for b in timed(runs[v]))
-
     rows = {}
-    for v, run in runs.items():
+    for v, procs in runs.items():
         rows[v] = {
-            "step_ms": 1000 * total(v, "wall") / total(v, "steps"),
-            "cpu_step_ms": 1000 * total(v, "cpu") / total(v, "steps"),
-            "tokens_per_s": total(v, "tokens") / total(v, "wall"),
-            "peak_rss_mb": run["peak_rss_mb"],
-            "tensor_mb": run["tensor_bytes"] / 2**20,
-            "cuda_peak_mb": run["cuda_peak_mb"],
-            "blocks": run["blocks"],
+            "step_ms": 1000 * total(procs, "wall") / total(procs, "steps"),
+            "process_step_ms": [1000 * total([p], "wall") / total([p], "steps") for p in procs],
+            "cpu_step_ms": 1000 * total(procs, "cpu") / total(procs, "steps"),
+            "tokens_per_s": total(procs, "tokens") / total(procs, "wall"),
+            "peak_rss_mb": max(p["peak_rss_mb"] for p in procs),
+            "tensor_mb": procs[0]["tensor_bytes"] / 2**20,
+            "cuda_peak_mb": procs[0]["cuda_peak_mb"] and max(p["cuda_peak_mb"] for p in procs),
+            "blocks": [p["blocks"] for p in procs],
         }
         if args.shape:
             method = v.split()[1]
@@ -194,23 +193,31 @@ def main() -> None:
                 flops = train_flops_per_token(args.shape, args.r) * rows[v]["tokens_per_s"]
                 rows[v]["mfu"] = flops / (peak * 1e12)
 
-    # Paired per cycle (a cycle runs a block of each variant back to back), on the wall clock and
-    # on the process' CPU time (all threads), which time stolen by other work does not inflate.
+    # Paired per cycle (a cycle runs a block of each process back to back), over the processes of
+    # each variant too; on the wall clock and on the process' CPU time (all threads), which time
+    # stolen by other work does not inflate.
     def compare(clock: str) -> tuple[dict, dict]:
         def step(v: str) -> np.ndarray:
-            return np.array([b[clock] / b["steps"] for b in timed(runs[v])])
+            return per_cycle(runs[v], lambda b: b[clock] / b["steps"])
 
         def speed(v: str) -> np.ndarray:
-            return np.array([b["tokens"] / b[clock] for b in timed(runs[v])])
+            return per_cycle(runs[v], lambda b: b["tokens"] / b[clock])
 
         ratio = {
-            r: paired_ratio(step(f"{r} qlora"), step(f"{r} lora")) for r in ("pipeline", "stock")
+            r: replicated_ratio([(1, step(f"{r} qlora")), (-1, step(f"{r} lora"))])
+            for r in ("pipeline", "stock")
         }
-        ratio["pipeline_over_stock"] = paired_ratio(
-            step("pipeline qlora") / step("pipeline lora"), step("stock qlora") / step("stock lora")
+        ratio["pipeline_over_stock"] = replicated_ratio(
+            [
+                (1, step("pipeline qlora")),
+                (-1, step("pipeline lora")),
+                (-1, step("stock qlora")),
+                (1, step("stock lora")),
+            ]
         )
         per_token = {
-            m: paired_ratio(speed(f"pipeline {m}"), speed(f"stock {m}")) for m in ("qlora", "lora")
+            m: replicated_ratio([(1, speed(f"pipeline {m}")), (-1, speed(f"stock {m}"))])
+            for m in ("qlora", "lora")
         }
         return ratio, per_token
 
@@ -230,13 +237,16 @@ def main() -> None:
         if gpu:
             line += f"{row['cuda_peak_mb']:14.0f}{row.get('planned_mb', float('nan')):12.0f}"
             line += f"{row.get('mfu', float('nan')):7.3f}"
-        print(line)
+        print(line + "   processes: " + "/".join(f"{x:.1f}" for x in row["process_step_ms"]))
 
     def span(x: dict) -> str:
         return f"{x['estimate']:.3f} [{x['ci_low']:.3f}, {x['ci_high']:.3f}]"
 
     n = clocks["wall"][0]["pipeline"]["cycles"]
-    print(f"paired per cycle of {args.block} steps: geometric mean [95% interval] over {n} cycles")
+    print(
+        f"paired per cycle of {args.block} steps: geometric mean [95% interval] over {n} cycles "
+        f"and {args.replicas} processes a variant (two-stage bootstrap)"
+    )
     for clock, (ratio, per_token) in clocks.items():
         print(
             f"  {clock:4s} QLoRA/LoRA step time: pipeline {span(ratio['pipeline'])}, stock "
@@ -250,6 +260,7 @@ def main() -> None:
             **({"machine": gpu} if gpu else {}),
             "steps": args.steps,
             "block": args.block,
+            "replicas": args.replicas,
             "shape": args.shape
             and {
                 "name": args.shape,

@@ -59,6 +59,45 @@ def paired_ratio(a: Any, b: Any) -> dict[str, float]:
     return {k: math.exp(v) for k, v in d.items()} | {"cycles": len(a)}
 
 
+def replicated_ratio(
+    terms: list[tuple[int, Any]], iters: int = 2000, seed: int = 0, alpha: float = 0.05
+) -> dict[str, float]:
+    """A ratio of geometric means measured in several processes per variant over paired cycles:
+    exp(sum of sign x mean log), for `terms` of (sign +1 or -1, an array [process, cycle] of a
+    variant's positive measurements; every term the same cycles). E.g. [(+1, a), (-1, b)] is
+    a/b and [(+1, a), (-1, b), (-1, c), (+1, d)] is (a/b)/(c/d).
+
+    Its 95% interval is a two-stage bootstrap: each draw resamples the cycles (the same ones for
+    every term: they are paired) and, within each term, its processes. A process' own speed
+    (its memory layout, where the kernel put its threads) is shared by all its cycles, so
+    resampling cycles alone, as `paired_ratio` does, leaves it out of the interval. With one
+    process per variant the interval is over cycles only; with few, it is somewhat narrow
+    (a bootstrap over n processes scales their variance by (n - 1) / n)."""
+    import numpy as np
+
+    logs = [(sign, np.log(np.asarray(x, dtype=float))) for sign, x in terms]
+    cycles = {x.shape[1] for _, x in logs}
+    if len(cycles) != 1 or 0 in cycles:
+        raise ValueError("every term needs the same non-zero number of cycles")
+    (n,) = cycles
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, n, size=(iters, 1, n))
+    total = np.zeros(iters)
+    for sign, x in logs:
+        procs = rng.integers(0, x.shape[0], size=(iters, x.shape[0], 1))
+        total += sign * x[procs, draw].mean(axis=(1, 2))
+    estimate = sum(sign * x.mean() for sign, x in logs)
+    low, high = np.percentile(total, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    processes = min(x.shape[0] for _, x in logs)
+    return {
+        "estimate": math.exp(estimate),
+        "ci_low": math.exp(low),
+        "ci_high": math.exp(high),
+        "cycles": n,
+        "processes": processes,
+    }
+
+
 def side_by_side(names: list[str], rounds: int, measure: Callable[[str], T]) -> dict[str, list[T]]:
     """`measure(name)` for each variant once as a warm-up (dropped), then in `rounds` rounds, the
     order rotating so that each variant goes first as often (the machine's drift hits all)."""
