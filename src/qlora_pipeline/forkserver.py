@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ENV = "QLORA_PIPELINE_FORKSERVER"  # "<cpu_kernels>/<threads>@<server pid>@<socket path>"
@@ -240,23 +240,14 @@ def command_here(argv: list[str], cwd: str, env: dict[str, str]) -> int | None:
     params = _served_params(argv)
     if params is None or _params_pins(os.path.join(cwd, params)) != _SERVING:
         return None
-    sys.stdout.flush()
-    sys.stderr.flush()
     watch, hold = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            hold.close()
-            gc.freeze()  # DVC's objects too, as the server froze its imports' (`serve`)
-            code = _run(watch, "qlora-pipeline", argv, cwd, env)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+
+    def command() -> int:
+        hold.close()
+        gc.freeze()  # DVC's objects too, as the server froze its imports' (`serve`)
+        return _run(watch, "qlora-pipeline", argv, cwd, env)
+
+    pid = _fork(command)
     watch.close()
     # as DVC waits for a command: Ctrl-C reaches the command, which ends; DVC then reports it
     ignore = threading.current_thread() is threading.main_thread()
@@ -267,6 +258,31 @@ def command_here(argv: list[str], cwd: str, env: dict[str, str]) -> int | None:
         hold.close()
         if old is not None:
             signal.signal(signal.SIGINT, old)
+    return _exit_code(status)
+
+
+def _fork(child: Callable[[], int]) -> int:
+    """Fork; the child runs `child` and exits with its status (1 on an exception, which it
+    prints), its output flushed, without the interpreter's teardown. The child's pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = child()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def _exit_code(status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128 + N for signal N."""
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 
@@ -279,21 +295,12 @@ def _spawn(conn: socket.socket, listener: socket.socket) -> int | None:
             os.close(fd)
         return None
     request = json.loads(_recv_exact(conn, struct.unpack("!I", head)[0]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            listener.close()
-            code = _child(conn, request, fds)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+
+    def child() -> int:
+        listener.close()
+        return _child(conn, request, fds)
+
+    pid = _fork(child)
     for fd in fds:
         os.close(fd)
     return pid
@@ -308,9 +315,8 @@ def _reap(children: dict[int, socket.socket]) -> None:
         conn = children.pop(pid, None)
         if conn is None:
             continue
-        code = os.waitstatus_to_exitcode(status)
         with contextlib.suppress(OSError):
-            conn.sendall(_STATUS.pack(128 - code if code < 0 else code))
+            conn.sendall(_STATUS.pack(_exit_code(status)))
         conn.close()
 
 
