@@ -39,6 +39,9 @@ given = json.loads(sys.argv[5])  # what differs from the default run's base, dat
 block, go, done = int(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])  # the baton's pipes
 cfg = load_params("params.yaml")
 pin_cpu(cfg.runtime.cpu_kernels, cfg.runtime.threads)
+if recipe == "pipeline":  # as a stage sets its process up (cli); stock keeps glibc's defaults
+    from qlora_pipeline.runtime import keep_freed_memory
+    keep_freed_memory()
 cfg.train.max_steps, cfg.train.eval_steps, cfg.train.save_steps = steps, None, None
 base, data, seed = cfg.paths.base, cfg.paths.data, cfg.seeds[0]
 base, data = given.get("base", base), given.get("data", data)

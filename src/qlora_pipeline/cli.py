@@ -272,13 +272,14 @@ def _stage(args: argparse.Namespace) -> None:
 
     from qlora_pipeline.config.schema import load_params
     from qlora_pipeline.files import seed_dir
-    from qlora_pipeline.runtime import pin_cpu, setup_torch
+    from qlora_pipeline.runtime import keep_freed_memory, pin_cpu, setup_torch
     from qlora_pipeline.tracking.revisions import require_pinned
 
     cfg = load_params(args.params)
     require_pinned(cfg)
     started = time.perf_counter()
     pin_cpu(cfg.runtime.cpu_kernels, cfg.runtime.threads)
+    keep_freed_memory()
     setup_torch(cfg.seed)
     p = cfg.paths
     if args.command in ("train", "export"):

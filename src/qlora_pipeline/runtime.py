@@ -248,6 +248,30 @@ def pin_bnb_kernels(model: Any) -> Any:
     return model
 
 
+# glibc's mallopt parameters (malloc.h) and what `keep_freed_memory` sets both to
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_KEEP_BYTES = 256 * 2**20
+
+
+def keep_freed_memory(limit: int = HEAP_KEEP_BYTES) -> bool:
+    """On a CPU with glibc: serve allocations under `limit` bytes from the heap and keep up to
+    `limit` of freed memory there, for the next step to reuse. By default glibc maps a large
+    block anew (and faults in and zeroes its pages) unless an earlier free of that size raised
+    its adaptive threshold, so a training step's buffers came fresh from the kernel or not by
+    each process' history: LoRA steps were about 6% slower and varied more from process to
+    process (benchmarks/RESULTS.md, bench_train). Not on a GPU machine, where a model's large
+    host copies are freed after loading and should go back to the system. True when set."""
+    from qlora_pipeline.modeling.device import device
+
+    if device() != "cpu":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+
+
 def setup_torch(seed: int) -> None:
     """Seeds for Python's random, numpy and torch (what `transformers.set_seed` seeds, without
     importing transformers' trainer: ~5 s a process); tokenizers single-threaded."""
