@@ -7,12 +7,13 @@ block; the ratios are taken per cycle, paired, with two-stage bootstrap interval
 (the first, warm-up, left out) and the processes (`common.replicated_ratio`):
 
   pipeline qlora / lora  `qlora_pipeline.training.train.train` as the train stage runs it
-                         (our Trainer subclass, collator, step log and probes)
+                         (our Trainer subclass, collator, step log and probes), in a process
+                         set up as a stage's (`runtime.keep_freed_memory`)
   stock qlora / lora     transformers' Trainer + PEFT + bitsandbytes as their docs show it:
                          BitsAndBytesConfig (NF4, double quantization), prepare_model_for_kbit_
                          training, LoraConfig(target_modules="all-linear"); the default causal-LM
                          collator with padding (DataCollatorForLanguageModeling), no packing, no
-                         other settings
+                         other settings; glibc's malloc as it comes
 
 Same base model (models/base) and data (data/prepared, the train split), same batch size, steps,
 learning rate, optimizer, LoRA rank and seed, and the same CPU-kernel mode and threads as the
