@@ -1,12 +1,12 @@
 """The baton harness of the training benchmarks: variants side by side, one training at a time.
 
-Each variant runs in processes of its own (peak RSS only grows within a process). They live side
-by side but only one trains at a time: it holds a baton, passed round by `race` every `block` steps (cycles,
-every other one in reverse order), and a block's time counts only while its variant holds it. So
-this machine's drift in speed, which moves one variant's step time by up to 25% within minutes,
-hits all of them alike block by block, and ratios can be taken per cycle, paired
-(`common.replicated_ratio`). Each variant runs in several processes (`--replicas`): a process'
-own speed, which all its cycles share, then shows in the intervals too.
+Each variant runs in `--replicas` processes of its own (peak RSS only grows within a process).
+They live side by side but only one trains at a time: it holds a baton, passed round by `race`
+every `block` steps (cycles, every other one in reverse order), and a block's time counts only
+while its process holds it. So this machine's drift in speed, which moves one variant's step time
+by up to 25% within minutes, hits all of them alike block by block, and ratios can be taken per
+cycle, paired; with several processes a variant, a process' own speed, which all its cycles
+share, shows in the intervals too (`common.replicated_ratio`).
 
 A variant runs the pipeline's own training (`qlora_pipeline.training.train.train`, as the train
 stage runs it) or the stock recipe (transformers' Trainer + PEFT + bitsandbytes as their docs show
