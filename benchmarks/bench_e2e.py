@@ -1,12 +1,14 @@
 """The default run end to end, cold and warm, its wall time split into compute and orchestration.
 
-Three runs of `qlora-pipeline run`, each in a scratch copy of the project (what a fresh clone has:
+Runs of `qlora-pipeline run`, each in a scratch copy of the project (what a fresh clone has:
 the committed dvc.lock, no outputs, no DVC cache):
   - first: a new checkout, so the run also creates Prefect's database (its migrations, once per
     checkout: PREFECT_HOME is project-local);
-  - cold: another new checkout, with the Prefect database the first run left (every stage
-    computes, as after any change that invalidates them all);
-  - warm: that checkout again, nothing changed (DVC says every stage is up to date).
+  - cold, `--cold` times (default 3): another new checkout each time, with the Prefect database
+    the first run left (every stage computes, as after any change that invalidates them all);
+    their orchestration share is given as a mean with its 95% t interval over those runs (the
+    share is a ratio within a run, which the machine's drift moves little);
+  - warm: the last of those checkouts again, nothing changed (DVC says every stage is up to date).
 Compute is the stage commands' own time: the sum of `wall_s` of the run
 records (each from the command's start in the fork server, whose libraries are already imported,
 to its outputs written). Orchestration is the rest of the wall time: the CLI's start-up and
@@ -16,11 +18,12 @@ The default `orchestration.slots` is 1, so stages do not overlap and the sum is 
 
 Prints a table and writes benchmarks/results/e2e.json.
 
-    .venv/bin/python benchmarks/bench_e2e.py
+    .venv/bin/python benchmarks/bench_e2e.py [--cold 3]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -29,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, cli_run, project_env, scratch_copy, write_results
+from common import ROOT, cli_run, mean_interval, project_env, scratch_copy, write_results
 
 
 def timed_run(project: Path) -> tuple[float, dict[str, float]]:
@@ -82,25 +85,46 @@ def checkout(project: Path, prefect_home: Path | None = None) -> Path:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--cold", type=int, default=3, help="cold runs, each in a new checkout (default 3, >= 2)"
+    )
+    args = p.parse_args()
+    if args.cold < 2:
+        p.error("--cold: at least 2 (an interval needs two runs)")
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         first = checkout(Path(tmp) / "first")
         rows["first"] = measure(first)
-        again = checkout(Path(tmp) / "again", first / ".prefect")
-        rows["cold"] = measure(again)
+        for i in range(1, args.cold + 1):
+            again = checkout(Path(tmp) / f"cold{i}", first / ".prefect")
+            rows[f"cold {i}"] = measure(again)
         rows["warm"] = measure(again)
+    cold = [r for label, r in rows.items() if label.startswith("cold")]
+    share = mean_interval([r["orchestration_share"] for r in cold])
+    per_stage = mean_interval([r["orchestration_per_stage_s"] for r in cold])
     print(
-        f"{'run':6s}{'wall s':>9s}{'compute s':>11s}{'orchestration s':>17s}{'share':>7s}"
+        f"{'run':7s}{'wall s':>9s}{'compute s':>11s}{'orchestration s':>17s}{'share':>7s}"
         f"{'stages':>8s}{'per stage s':>13s}"
     )
     for label, r in rows.items():
         per = r["orchestration_per_stage_s"]
         print(
-            f"{label:6s}{r['wall_s']:9.1f}{r['compute_s']:11.1f}{r['orchestration_s']:17.1f}"
-            f"{r['orchestration_share']:7.0%}{r['stages_run']:8d}"
+            f"{label:7s}{r['wall_s']:9.1f}{r['compute_s']:11.1f}{r['orchestration_s']:17.1f}"
+            f"{r['orchestration_share']:7.1%}{r['stages_run']:8d}"
             f"{'—' if per is None else f'{per:.1f}':>13s}"
         )
-    write_results(ROOT / "benchmarks/results/e2e.json", {"runs": rows})
+    print(
+        f"cold, mean [95% t interval] over {share['n']} runs: orchestration share "
+        f"{share['estimate']:.1%} [{share['ci_low']:.1%}, {share['ci_high']:.1%}], per stage "
+        f"{per_stage['estimate']:.2f} s [{per_stage['ci_low']:.2f}, {per_stage['ci_high']:.2f}]"
+    )
+    write_results(
+        ROOT / "benchmarks/results/e2e.json",
+        {"runs": rows, "cold_share": share, "cold_per_stage_s": per_stage},
+    )
 
 
 if __name__ == "__main__":
