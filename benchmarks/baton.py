@@ -245,8 +245,11 @@ def race(
             v.proc.kill()
 
 
-def parser(doc: str | None) -> argparse.ArgumentParser:
-    """A benchmark's command line with the harness' options: --steps, --block, --replicas."""
+def parser(
+    doc: str | None, replicas: int | None = 3, replicas_default: str = "%(default)s"
+) -> argparse.ArgumentParser:
+    """A benchmark's command line with the harness' options: --steps, --block, --replicas
+    (`replicas` its default; `replicas_default` says it in the help where the script decides)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
     p.add_argument(
@@ -258,9 +261,9 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument(
         "--replicas",
         type=int,
-        default=3,
+        default=replicas,
         help="processes per variant: the intervals then include a process' own speed, which "
-        "all its cycles share (default %(default)s)",
+        f"all its cycles share (default {replicas_default})",
     )
     return p
 

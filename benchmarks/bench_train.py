@@ -27,11 +27,15 @@ Needs the base and prepared data of the default run (`make run`, or `dvc repro p
 table (totals over the timed blocks, paired ratios with intervals) and writes
 benchmarks/results/train.json.
 
-    .venv/bin/python benchmarks/bench_train.py [--steps 300] [--block 10] [--replicas 3]
+    .venv/bin/python benchmarks/bench_train.py [--steps 300] [--block 10] [--replicas 6]
+
+Six processes a variant (24 in all, about 650 MB of RAM each, about 20 minutes on 2 cores): with
+three, the intervals (about +-6%) were wider than the 5% band the QLoRA/LoRA ratio is held to.
 
 The GPU figures (`make bench-gpu`): `--shape llama-1b` or `llama-8b` trains a real-size
 random-init Llama of that shape on random rows of `--seq-len` tokens (no padding), batch
-`--batch`, rank `--r`, gradient checkpointing on; each variant's CUDA peak
+`--batch`, rank `--r`, gradient checkpointing on, one process a variant (all of them hold
+their model on the GPU at once); each variant's CUDA peak
 (`torch.cuda.max_memory_allocated`, a process each) is printed beside the memory planner's
 worst case for the same recipe, with the MFU (frozen base: 4 x params FLOPs per token, plus
 6 x adapter params). `--shape tiny --steps 4 --block 2` smoke-tests that path on a CPU.
@@ -128,7 +132,11 @@ def train_flops_per_token(shape: str, r: int) -> float:
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(
+        __doc__,
+        replicas=None,
+        replicas_default="6; 1 with --shape, where every process holds its model on the one GPU",
+    )
     p.add_argument(
         "--shape",
         choices=sorted(SHAPES),
@@ -147,6 +155,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the MFU")
     p.add_argument("--out", help="default: benchmarks/results/train[-SHAPE].json")
     args = p.parse_args()
+    args.replicas = args.replicas or (1 if args.shape else 6)
     out = Path(
         args.out or ROOT / f"benchmarks/results/train{'-' + args.shape if args.shape else ''}.json"
     )
